@@ -1,0 +1,89 @@
+"""The fedge Flower ClientApp: thin ``query``, ``train`` and ``evaluate`` handlers.
+
+Each handler finds this node's :class:`~clients.device.Device` (its store lives
+in ``<run dir>/devices/device-<partition id>.sqlite``), does one thing, and
+replies with the records :mod:`fedge.protocol` allows.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.device import Device
+from fedge import protocol as p
+from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
+
+log = logging.getLogger("fedge.device")
+
+app = ClientApp()
+
+_DEVICES: dict[Path, Device] = {}
+
+
+def store_path(context: Context) -> tuple[int, Path]:
+    """This node's partition id and the path of its on-device store."""
+    cfg = config_from_context(context)
+    device_id = int(context.node_config.get("partition-id", 0))
+    return device_id, run_dir(cfg, context) / "devices" / f"device-{device_id}.sqlite"
+
+
+def device_for(context: Context) -> Device:
+    """The node's device, opened once per process and reopened from its store after a restart."""
+    device_id, path = store_path(context)
+    device = _DEVICES.get(path)
+    if device is None:
+        device = Device(config_from_context(context), device_id, path)
+        _DEVICES[path] = device
+    return device
+
+
+def forget_devices() -> None:
+    """Close every open device (simulates a device restart in tests)."""
+    for device in _DEVICES.values():
+        device.close()
+    _DEVICES.clear()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Monitoring tick: deploy the champion if sent, test-then-store new rows, report drift."""
+    device = device_for(context)
+    config = msg.content[p.CONFIG]
+    if p.ARRAYS in msg.content:
+        device.deploy(int(config[p.CHAMPION_VERSION]), from_arrays(msg.content[p.ARRAYS]))
+    report = device.monitor_tick(int(config[p.TICK]))
+    return Message(RecordDict({p.REPORT: ConfigRecord(report.to_dict())}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local training pass over the device's window, starting from the global model."""
+    device = device_for(context)
+    config = msg.content[p.CONFIG]
+    weights, n, loss = device.train(
+        from_arrays(msg.content[p.ARRAYS]),
+        epochs=int(config[p.LOCAL_EPOCHS]),
+        lr=float(config[p.LR]),
+        batch_size=int(config[p.BATCH_SIZE]),
+        seed=int(config[p.SEED]) * 7919 + device.device_id * 104729 + int(config[p.ROUND]),
+        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
+    )
+    content = RecordDict(
+        {
+            p.ARRAYS: to_arrays(weights),
+            p.METRICS: MetricRecord({p.NUM_EXAMPLES: n, p.TRAIN_LOSS: loss}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the candidate and the deployed champion on the held-out window."""
+    device = device_for(context)
+    metrics = device.evaluate(from_arrays(msg.content[p.ARRAYS]))
+    return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)

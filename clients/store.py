@@ -1,0 +1,473 @@
+"""On-device store: one SQLite file per node holding what the device must remember.
+
+It keeps the most recent samples (the window the device trains and checks on), small
+state blobs (e.g. the drift monitor) and the deployed model. Nothing here is sent
+anywhere; the file lives next to the data.
+
+Every write is one SQLite transaction in WAL mode, so a crash or power cut leaves
+either the old or the new state, never a mix. A file that is not a readable store is
+moved aside and replaced by a fresh one rather than stopping the device.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sqlite3
+import threading
+import time
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+logger = logging.getLogger("fedge.device")
+
+_FORMAT = "fedge.device_store"
+_FORMAT_VERSION = "1"
+_SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY,"
+        " tick INTEGER NOT NULL, label INTEGER NOT NULL, x BLOB NOT NULL)"
+    ),
+    "CREATE INDEX IF NOT EXISTS samples_by_tick ON samples (tick)",
+    "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS model (slot INTEGER PRIMARY KEY CHECK (slot = 0),"
+        " version INTEGER NOT NULL, arrays BLOB NOT NULL)"
+    ),
+)
+
+
+class _UnusableStoreError(Exception):
+    """The file at the store's path is not a store this code can use."""
+
+
+class DeviceStore:
+    """Bounded sample window, key/value state and deployed model in one SQLite file.
+
+    Parameters
+    ----------
+    path
+        SQLite file of this node. Missing parent folders are created. If the file exists
+        but is corrupt, not SQLite, or another application's database, it is moved to
+        ``<path>.corrupt-<timestamp>`` (with a warning on the ``fedge.device`` logger) and
+        a fresh store is started.
+    capacity, default=1000
+        Number of most recent samples kept; older ones are dropped on :meth:`append`.
+    n_features, default=None
+        Width of a sample row. ``None`` takes it from the existing store, or from the
+        first :meth:`append`.
+
+    Raises
+    ------
+    ValueError
+        If ``capacity`` or ``n_features`` is not positive, or ``n_features`` differs from
+        the width the existing store holds.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> with DeviceStore(f"{folder}/node.sqlite", capacity=3) as store:
+    ...     store.append(np.zeros((2, 4)), np.array([0, 1]), tick=1)
+    ...     store.append(np.ones((2, 4)), np.array([1, 1]), tick=2)
+    ...     x, y, ticks = store.window()
+    >>> x.shape, y.tolist(), ticks.tolist()
+    ((3, 4), [1, 1, 1], [1, 2, 2])
+    """
+
+    def __init__(
+        self, path: str | Path, capacity: int = 1000, n_features: int | None = None
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
+            raise TypeError(f"store.capacity must be an int, got {capacity!r}")
+        if capacity < 1:
+            raise ValueError(f"store.capacity must be >= 1, got {capacity}")
+        if n_features is not None and (
+            isinstance(n_features, bool) or not isinstance(n_features, int | np.integer)
+        ):
+            raise TypeError(f"store.n_features must be an int or None, got {n_features!r}")
+        if n_features is not None and n_features < 1:
+            raise ValueError(f"store.n_features must be >= 1, got {n_features}")
+
+        self._path = Path(path)
+        self._capacity = int(capacity)
+        self._lock = threading.RLock()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if self._path.is_dir():
+            raise IsADirectoryError(f"store: {self._path} is a folder, expected a SQLite file")
+
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = self._open()
+        except _UnusableStoreError as exc:
+            self._move_aside(str(exc))
+            self._conn = self._open()
+
+        stored = self._get_meta("n_features")
+        if stored is not None and n_features is not None and int(stored) != n_features:
+            self.close()
+            raise ValueError(
+                f"store: {self._path} holds samples with {stored} features, "
+                f"n_features={n_features} was requested"
+            )
+        self._n_features: int | None = int(stored) if stored is not None else n_features
+        with self._transaction() as conn:
+            if stored is None and n_features is not None:
+                _set_meta(conn, "n_features", str(n_features))
+            self._trim(conn)
+
+    @property
+    def path(self) -> Path:
+        """Location of the SQLite file."""
+        return self._path
+
+    @property
+    def capacity(self) -> int:
+        """Number of most recent samples kept."""
+        return self._capacity
+
+    @property
+    def n_features(self) -> int | None:
+        """Width of a sample row, or ``None`` until the first append."""
+        return self._n_features
+
+    def append(self, x: np.ndarray, y: np.ndarray, tick: int) -> None:
+        """Add samples to the window in one transaction, dropping the oldest beyond capacity.
+
+        Parameters
+        ----------
+        x
+            Feature rows, shape ``(n, n_features)`` (a 1-D array is one row); stored as
+            ``float32``.
+        y
+            Integer labels, shape ``(n,)``.
+        tick
+            Time step the samples arrived at, recorded for every row.
+
+        Raises
+        ------
+        ValueError
+            If the shapes disagree with each other or with ``n_features``, or the labels
+            are not integers.
+        """
+        rows = np.asarray(x, dtype=np.float32)
+        if rows.ndim == 1:
+            rows = rows.reshape(1, -1)
+        labels = np.asarray(y).reshape(-1)
+        if rows.ndim != 2 or rows.shape[1] == 0:
+            raise ValueError(f"store.append: x must have shape (n, n_features), got {rows.shape}")
+        if labels.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"store.append: x has {rows.shape[0]} rows but y has {labels.shape[0]} labels"
+            )
+        if labels.dtype.kind not in "biu":
+            raise ValueError(f"store.append: y must hold integer labels, got dtype {labels.dtype}")
+        width = int(rows.shape[1])
+        if self._n_features is not None and width != self._n_features:
+            raise ValueError(
+                f"store.append: rows have {width} features, the store holds {self._n_features}"
+            )
+        tick = _as_int(tick, "store.append: tick")
+        if rows.shape[0] == 0:
+            return
+
+        rows = np.ascontiguousarray(rows[-self._capacity :])
+        labels = labels[-self._capacity :].astype(np.int64)
+        raw = rows.tobytes()
+        size = width * 4
+        records = [
+            (tick, label, raw[i * size : (i + 1) * size]) for i, label in enumerate(labels.tolist())
+        ]
+        with self._transaction() as conn:
+            if self._n_features is None:
+                _set_meta(conn, "n_features", str(width))
+            conn.executemany("INSERT INTO samples (tick, label, x) VALUES (?, ?, ?)", records)
+            self._trim(conn)
+        self._n_features = width
+
+    def window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the stored samples, oldest first.
+
+        Returns
+        -------
+        x : numpy.ndarray
+            ``float32`` of shape ``(n, n_features)``.
+        y : numpy.ndarray
+            ``int64`` labels of shape ``(n,)``.
+        ticks : numpy.ndarray
+            ``int64`` arrival ticks of shape ``(n,)``.
+        """
+        with self._lock:
+            rows = (
+                self._connection()
+                .execute("SELECT x, label, tick FROM samples ORDER BY id")
+                .fetchall()
+            )
+        width = self._n_features or 0
+        if not rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return np.zeros((0, width), dtype=np.float32), empty, empty.copy()
+        blobs, labels, ticks = zip(*rows, strict=True)
+        x = np.frombuffer(bytearray(b"".join(blobs)), dtype=np.float32).reshape(len(rows), -1)
+        return x, np.array(labels, dtype=np.int64), np.array(ticks, dtype=np.int64)
+
+    def __len__(self) -> int:
+        with self._lock:
+            (count,) = self._connection().execute("SELECT COUNT(*) FROM samples").fetchone()
+        return int(count)
+
+    def drop_before(self, tick: int) -> int:
+        """Delete the samples that arrived before ``tick``.
+
+        Parameters
+        ----------
+        tick
+            Samples with a smaller tick are removed.
+
+        Returns
+        -------
+        int
+            Number of samples removed.
+        """
+        tick = _as_int(tick, "store.drop_before: tick")
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM samples WHERE tick < ?", (tick,))
+        return int(cursor.rowcount)
+
+    def put_state(self, key: str, value: bytes) -> None:
+        """Store a state blob under ``key``, replacing any previous value.
+
+        Parameters
+        ----------
+        key
+            State name, e.g. ``"monitor"``.
+        value
+            Bytes to keep (``bytes``, ``bytearray`` or ``memoryview``).
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"store.put_state: key must be a str, got {type(key).__name__}")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"store.put_state: value must be bytes, got {type(value).__name__}")
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, bytes(value))
+            )
+
+    def get_state(self, key: str) -> bytes | None:
+        """Return the state blob stored under ``key``, or ``None``.
+
+        Parameters
+        ----------
+        key
+            State name.
+        """
+        with self._lock:
+            row = (
+                self._connection()
+                .execute("SELECT value FROM state WHERE key = ?", (key,))
+                .fetchone()
+            )
+        return None if row is None else bytes(row[0])
+
+    def put_model(self, version: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Record the deployed model, replacing the previous one.
+
+        Parameters
+        ----------
+        version
+            Model version.
+        arrays
+            Named arrays (weights); names, order, dtypes and shapes are kept. Object
+            arrays are refused.
+
+        Raises
+        ------
+        ValueError
+            If an array cannot be stored without pickling.
+        """
+        version = _as_int(version, "store.put_model: version")
+        blob = _pack_arrays(arrays)
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO model (slot, version, arrays) VALUES (0, ?, ?)",
+                (version, blob),
+            )
+
+    def get_model(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """Return the deployed model as ``(version, arrays)``, or ``None`` if none was stored."""
+        with self._lock:
+            row = (
+                self._connection()
+                .execute("SELECT version, arrays FROM model WHERE slot = 0")
+                .fetchone()
+            )
+        if row is None:
+            return None
+        with np.load(io.BytesIO(row[1]), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        return int(row[0]), arrays
+
+    def close(self) -> None:
+        """Close the file; calling it again does nothing."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceStore(path={str(self._path)!r}, capacity={self._capacity}, "
+            f"n_features={self._n_features})"
+        )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ValueError(f"store: {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _trim(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute(
+            "SELECT id FROM samples ORDER BY id DESC LIMIT 1 OFFSET ?", (self._capacity,)
+        ).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM samples WHERE id <= ?", (row[0],))
+
+    def _get_meta(self, key: str) -> str | None:
+        row = self._connection().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect and make sure the file is a healthy store, creating the schema if new."""
+        conn = sqlite3.connect(
+            self._path, timeout=5.0, isolation_level=None, check_same_thread=False
+        )
+        try:
+            _prepare(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise _UnusableStoreError(f"unreadable database ({exc})") from exc
+            raise
+        except _UnusableStoreError:
+            conn.close()
+            raise
+        return conn
+
+    def _move_aside(self, reason: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        os.replace(self._path, target)
+        for suffix in _SIDECAR_SUFFIXES:
+            sidecar = Path(f"{self._path}{suffix}")
+            if sidecar.exists():
+                os.replace(sidecar, Path(f"{target}{suffix}"))
+        logger.warning(
+            "device store %s is not usable (%s); moved it to %s and started a fresh store",
+            self._path,
+            reason,
+            target,
+        )
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Check the file read-only first, so a file that is not ours is moved aside unmodified."""
+    check = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if check != ["ok"]:
+        raise _UnusableStoreError(f"integrity check failed: {'; '.join(map(str, check[:3]))}")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables:
+        marker = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            marker = None if row is None else row[0]
+        if marker != _FORMAT:
+            raise _UnusableStoreError("not a fedge device store")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        if row is None or row[0] != _FORMAT_VERSION:
+            found = None if row is None else row[0]
+            raise _UnusableStoreError(f"store format version {found}, expected {_FORMAT_VERSION}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        _set_meta(conn, "format", _FORMAT)
+        _set_meta(conn, "format_version", _FORMAT_VERSION)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0) or 0
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    return int(value)
+
+
+def _pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Write named arrays as an uncompressed ``.npz`` archive (readable by ``numpy.load``)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for name, value in arrays.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"store.put_model: array names must be non-empty str, got {name!r}")
+            array = np.asanyarray(value)
+            if array.dtype.hasobject:
+                raise ValueError(
+                    f"store.put_model: array {name!r} has dtype {array.dtype}, "
+                    "which cannot be stored without pickling"
+                )
+            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+    return buffer.getvalue()

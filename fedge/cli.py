@@ -1,0 +1,242 @@
+"""The ``fedge`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import fedge  # noqa: F401  (telemetry defaults before Flower or MLflow load)
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=False,
+    help="fedge: on-device drift detection starts federated retraining; "
+    "MLflow registers every global model.",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]fedge: error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command("run")
+def run_cmd(
+    scenario: Annotated[
+        Path | None, typer.Argument(help="Scenario TOML file (default: the embedded defaults).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="inprocess or simulation (Flower's Ray engine).")] = "inprocess",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: SQLite under the output dir).")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where runs, stores and MLflow go.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Ignore the registry's champion and train from scratch.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+) -> None:
+    """Run a drift scenario end to end and print what happened."""
+    from fedge.config import ConfigError
+    from fedge.runner import RunRequest, run
+    from fedge.tracking import TrackingError
+
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f'run.output_dir="{output_dir.expanduser().resolve()}"')
+    if tracking_uri is not None:
+        overrides.append(f'tracking.uri="{tracking_uri}"')
+    if fresh:
+        overrides.append("run.resume=false")
+    request = RunRequest(scenario, tuple(overrides), engine)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = request.config()
+        if engine == "inprocess" and not quiet:
+            summary = _run_with_progress(request, cfg)
+        else:
+            if not quiet:
+                console.print(f"Running [bold]{cfg.scenario.name}[/] on Flower's simulation engine…")
+            summary = run(request)
+    except (ConfigError, TrackingError) as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary)
+
+
+def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
+    from fedge.orchestrator import CampaignRecord, TickRecord
+    from fedge.runner import run
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(cfg.scenario.name, total=cfg.scenario.ticks, status="starting")
+
+        def on_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
+            drift = f"drift {len(rec.drifted)}/{cfg.scenario.clients}" if rec.drifted else "no drift"
+            line = f"tick {rec.tick:>3}  accuracy {_fmt(rec.accuracy)}  {drift}"
+            if campaign is not None:
+                verdict = "[green]promoted[/]" if campaign.promoted else "[yellow]kept champion[/]"
+                line += (
+                    f"  -> campaign ({campaign.reason}): v{campaign.version} {verdict}"
+                    f" ({campaign.candidate_acc:.3f} vs {campaign.champion_acc:.3f})"
+                )
+            progress.console.print(line, highlight=False)
+            progress.update(task, advance=1, status=f"accuracy {_fmt(rec.accuracy)}")
+
+        return run(request, on_tick=on_tick)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    console.rule(f"[bold]{s['scenario']}[/] on {s['engine']} in {s.get('wall_seconds', '?')} s")
+    if s.get("resumed_from"):
+        console.print(f"Resumed from champion v{s['resumed_from']} in the registry.")
+    rec = Table(title="Accuracy around each drift", title_justify="left")
+    for col in ("drift at tick", "before", "right after", "after retraining", "retrained at tick"):
+        rec.add_column(col, justify="right")
+    for r in s["recoveries"]:
+        rec.add_row(
+            str(r["step"]),
+            _fmt(r["before"]),
+            _fmt(r["right_after"]),
+            _fmt(r["after_retraining"]),
+            "-" if r["retrained_at"] is None else str(r["retrained_at"]),
+        )
+    if s["recoveries"]:
+        console.print(rec)
+    else:
+        console.print("No drift in this scenario.")
+    camp = Table(title=f"{len(s['campaigns'])} retraining campaigns", title_justify="left")
+    for col in ("tick", "why", "devices", "rounds", "version", "candidate", "champion", "gate"):
+        camp.add_column(col)
+    for c in s["campaigns"]:
+        camp.add_row(
+            str(c["tick"]),
+            c["reason"].split(":")[0],
+            str(len(c["devices"])),
+            str(c["rounds"]),
+            f"v{c['version']}",
+            f"{c['candidate_acc']:.3f}",
+            "-" if c["parent"] == 0 else f"{c['champion_acc']:.3f}",
+            "[green]promoted[/]" if c["promoted"] else "[yellow]rejected[/]",
+        )
+    console.print(camp)
+    vers = Table(title=f"Model versions of {s['model_name']}", title_justify="left")
+    for col in ("version", "aliases", "parent", "trigger"):
+        vers.add_column(col)
+    for v in s["versions"]:
+        tags = v["tags"]
+        vers.add_row(
+            f"v{v['version']}",
+            ", ".join(v["aliases"]) or "",
+            tags.get("fedge.parent_version", "?"),
+            tags.get("fedge.trigger_reason", "").split(":")[0],
+        )
+    console.print(vers)
+    console.print(
+        f"Champion: [bold]v{s['champion']}[/]   rejected rows: {s['rejected_rows']}   "
+        f"run folder: {s['run_dir']}"
+    )
+    console.print(f"Open the MLflow UI:  [bold]{s['ui_command']}[/]", highlight=False)
+
+
+@app.command("versions")
+def versions_cmd(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    output_dir: Annotated[Path, typer.Option(help="Output dir of the runs (for the default URI).")] = Path(
+        "fedge-runs"
+    ),
+    model: Annotated[str | None, typer.Option(help="Registered model name (default: all).")] = None,
+) -> None:
+    """List registered model versions with their lineage and aliases."""
+    from fedge.tracking import TrackingError, default_tracking_uri, list_model_versions
+
+    uri = tracking_uri or default_tracking_uri(output_dir.expanduser().resolve())
+    try:
+        rows = list_model_versions(uri, model)
+    except TrackingError as exc:
+        _fail(str(exc))
+        return
+    if not rows:
+        console.print(f"No registered models at {uri}.")
+        return
+    table = Table(title=f"Model versions at {uri}", title_justify="left")
+    for col in ("model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run"):
+        table.add_column(col)
+    for v in rows:
+        tags = v["tags"]
+        table.add_row(
+            str(v.get("name", model or "")),
+            f"v{v['version']}",
+            ", ".join(v["aliases"]),
+            tags.get("fedge.parent_version", ""),
+            tags.get("fedge.trigger_reason", ""),
+            tags.get("fedge.participating_devices", ""),
+            tags.get("fedge.campaign_rounds", ""),
+            str(v.get("run_id", ""))[:8],
+        )
+    console.print(table)
+
+
+@app.command("scenarios")
+def scenarios_cmd() -> None:
+    """List the ready scenarios shipped in experiments/."""
+    from fedge.config import ConfigError, load_config
+    from fedge.runner import scenario_files
+
+    table = Table(title="Scenarios", title_justify="left")
+    for col in ("file", "generator", "clients", "ticks", "schedule", "detector", "policy"):
+        table.add_column(col)
+    for path in scenario_files():
+        try:
+            cfg = load_config(path)
+        except ConfigError as exc:
+            table.add_row(path.name, f"[red]{exc}[/]", "", "", "", "", "")
+            continue
+        table.add_row(
+            str(path.name),
+            cfg.scenario.generator,
+            str(cfg.scenario.clients),
+            str(cfg.scenario.ticks),
+            str(cfg.scenario.schedule.get("kind")),
+            cfg.monitor.detector,
+            cfg.trigger.policy,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""One typed, validated run configuration.
+
+A configuration is read from a scenario TOML file, optionally changed by
+``key=value`` overrides (``trigger.policy=periodic``), and checked before
+anything starts. Every mistake becomes a :class:`ConfigError` whose message is
+one line naming the key, the value and what is allowed.
+
+The file layout mirrors the dataclasses below::
+
+    [scenario]            name, generator, seed, clients, ticks, samples_per_tick, ...
+    [scenario.schedule]   kind = "sudden" | "staggered" | "stationary" | "matrix", ...
+    [scenario.generator_params]
+    [monitor]             detector, window, reset_window_on_drift
+    [monitor.params]      keyword arguments of the river detector
+    [trigger]             policy, quorum, cooldown, period
+    [campaign]            strategy, rounds, participants, local_epochs, lr, ...
+    [model]               hidden, layers
+    [tracking]            uri, experiment, model_name
+    [run]                 output_dir, resume
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, explained in one line."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _at_least(low: float) -> dict[str, Any]:
+    return {"min": low}
+
+
+def _between(low: float, high: float) -> dict[str, Any]:
+    return {"min": low, "max": high}
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Where the devices' data comes from and how it drifts."""
+
+    name: str = "sine2-sudden"
+    generator: str = field(default="sine2", metadata=_choice("sine2", "circle2", "sea4", "digits-swap"))
+    seed: int = 0
+    clients: int = field(default=6, metadata=_at_least(1))
+    ticks: int = field(default=16, metadata=_at_least(1))
+    samples_per_tick: int = field(default=100, metadata=_at_least(1))
+    bad_row_fraction: float = field(default=0.02, metadata=_between(0.0, 0.5))
+    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "sudden", "at": 8})
+    generator_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The on-device drift monitor and the bounded sample window."""
+
+    detector: str = "ADWIN"
+    params: dict[str, Any] = field(default_factory=dict)
+    window: int = field(default=500, metadata=_at_least(10))
+    reset_window_on_drift: bool = True
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """When the server starts a retraining campaign.
+
+    ``quorum`` below 1 is a fraction of the polled devices, 1 or more a count.
+    """
+
+    policy: str = field(default="quorum", metadata=_choice("quorum", "periodic", "always", "never"))
+    quorum: float = field(default=0.3, metadata=_at_least(0.0))
+    cooldown: int = field(default=2, metadata=_at_least(0))
+    period: int = field(default=4, metadata=_at_least(1))
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """A retraining campaign: Flower strategy rounds, then the promotion gate."""
+
+    strategy: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedadam"))
+    rounds: int = field(default=4, metadata=_at_least(1))
+    participants: str = field(default="all", metadata=_choice("all", "drifted"))
+    local_epochs: int = field(default=4, metadata=_at_least(1))
+    lr: float = field(default=0.01, metadata=_between(1e-6, 10.0))
+    batch_size: int = field(default=32, metadata=_at_least(1))
+    proximal_mu: float = field(default=0.01, metadata=_at_least(0.0))
+    server_lr: float = field(default=0.05, metadata=_between(1e-6, 10.0))
+    holdout_every: int = field(default=5, metadata=_at_least(2))
+    min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
+    initial_rounds: int = field(default=8, metadata=_at_least(1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The feed-forward classifier trained on the devices."""
+
+    hidden: int = field(default=32, metadata=_at_least(1))
+    layers: int = field(default=2, metadata=_between(1, 8))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: where runs and the model registry live.
+
+    An empty ``uri`` means a SQLite file under ``run.output_dir``; an empty
+    ``model_name`` means ``fedge-<scenario name>``.
+    """
+
+    uri: str = ""
+    experiment: str = "fedge"
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where results go and whether a restarted server resumes from the registry."""
+
+    output_dir: str = "fedge-runs"
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class FedgeConfig:
+    """The whole run configuration."""
+
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    campaign: CampaignConfig = field(default_factory=CampaignConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def model_name(self) -> str:
+        """Registered model name in MLflow."""
+        return self.tracking.model_name or f"fedge-{self.scenario.name}"
+
+    @property
+    def output_dir(self) -> Path:
+        """Absolute output folder."""
+        return Path(self.run.output_dir).expanduser().resolve()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``section.key`` view, used for MLflow params."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, dict):
+                    for k, v in value.items():
+                        out[f"{section.name}.{f.name}.{k}"] = v
+                else:
+                    out[f"{section.name}.{f.name}"] = value
+        return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    origin = getattr(tp, "__origin__", tp)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}")
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{key}: {value!r} is out of range; must be {bound}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value!r} is out of range; must be between {low} and {high}")
+    return value
+
+
+def _section(cls: type, key: str, data: Mapping[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]}: unknown key; allowed: {', '.join(fields)}"
+        )
+    kwargs = {
+        name: _coerce(f"{key}.{name}", value, hints[name], fields[name].metadata)
+        for name, value in data.items()
+    }
+    for name, value in kwargs.items():
+        default = fields[name].default_factory
+        if isinstance(value, dict) and default is not dataclasses.MISSING and "kind" not in value:
+            # A table given in part (``--set scenario.schedule.at=5``) keeps the
+            # default's other keys.
+            kwargs[name] = {**default(), **value}
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> FedgeConfig:
+    """Build and validate a configuration from nested mappings."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a table, got {data!r}")
+    hints = get_type_hints(FedgeConfig)
+    sections = [f.name for f in dataclasses.fields(FedgeConfig)]
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed: {', '.join(sections)}")
+    kwargs = {}
+    for name, value in data.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
+        kwargs[name] = _section(hints[name], name, value)
+    cfg = FedgeConfig(**kwargs)
+    _check_components(cfg)
+    return cfg
+
+
+def _check_components(cfg: FedgeConfig) -> None:
+    """Build what the names refer to, so a bad detector or schedule fails now."""
+    from clients.monitor import make_detector
+    from fedge.scenarios import build_scenario
+
+    try:
+        make_detector(cfg.monitor.detector, cfg.monitor.params)
+    except ValueError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    try:
+        build_scenario(cfg.scenario)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(_one_line(exc)) from None
+    if cfg.trigger.quorum >= 1 and cfg.trigger.quorum != int(cfg.trigger.quorum):
+        raise ConfigError(
+            f"trigger.quorum: {cfg.trigger.quorum!r} is neither a fraction below 1 "
+            "nor a whole device count"
+        )
+    if cfg.trigger.quorum > cfg.scenario.clients:
+        raise ConfigError(
+            f"trigger.quorum: {int(cfg.trigger.quorum)} devices can never agree; "
+            f"the scenario has {cfg.scenario.clients} clients"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    path = key.split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. trigger.policy")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of nested ``data`` with the overrides applied."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = dict(child) if isinstance(child, Mapping) else {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Resolve a scenario path: as given, else relative to the project."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    candidate = PROJECT_ROOT / p
+    return candidate if candidate.exists() else p.resolve()
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a scenario file with a one-line error for a missing or malformed file."""
+    p = resolve_path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"scenario file {str(path)!r}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario file {str(path)!r}: invalid TOML ({exc})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FedgeConfig:
+    """Load a scenario file (or the embedded defaults) and apply overrides."""
+    data = read_toml(path) if path else {}
+    return from_dict(apply_overrides(data, overrides))
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split the ``overrides`` run-config string (``;``-separated) into items."""
+    return [item.strip() for item in text.split(";") if item.strip()]

@@ -1,0 +1,130 @@
+"""The wire contract between the fedge server and its devices.
+
+This is the one place that says what crosses the wire. Messages use Flower's
+three message types; each carries named records:
+
+========== ======================================= ==========================================
+type       server -> device                        device -> server
+========== ======================================= ==========================================
+query      ``config`` (tick, champion version),    ``report``: a :class:`DriftReport`
+           ``arrays`` when the device's model is   (flags, counts, summary statistics)
+           stale
+train      ``arrays`` (global model), ``config``   ``arrays`` (local model), ``metrics``
+           (round, epochs, lr, batch size, mu)     (num-examples, train_loss)
+evaluate   ``arrays`` (candidate), ``config``      ``metrics`` (num-examples, eval_acc,
+                                                   eval_loss, champion_acc)
+========== ======================================= ==========================================
+
+Nothing per sample ever leaves a device: a report holds counts and rates, a
+train reply holds model weights and a loss, an evaluate reply holds accuracies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+ARRAYS = "arrays"
+CONFIG = "config"
+REPORT = "report"
+METRICS = "metrics"
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+EVAL_ACC = "eval_acc"
+EVAL_LOSS = "eval_loss"
+CHAMPION_ACC = "champion_acc"
+
+TICK = "tick"
+CHAMPION_VERSION = "champion-version"
+ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+LR = "lr"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"
+SEED = "seed"
+
+#: Metric names a device may send, per reply type.
+DEVICE_METRICS: dict[str, tuple[str, ...]] = {
+    "train": (NUM_EXAMPLES, TRAIN_LOSS),
+    "evaluate": (NUM_EXAMPLES, EVAL_ACC, EVAL_LOSS, CHAMPION_ACC),
+}
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What a device says about itself at one monitoring tick.
+
+    Parameters
+    ----------
+    device : int
+        The device's stable partition id (pseudonymous; not the Flower node id).
+    tick : int
+        Monitoring tick the report belongs to.
+    model_version : int
+        Version of the model the device predicted with (0: none yet).
+    n_samples : int
+        Valid samples received this tick.
+    n_errors : int
+        Of those, samples the deployed model got wrong (prequential test).
+    drift : bool
+        True when the detector fired on this tick's error stream.
+    n_drifts : int
+        Detections within this tick.
+    drifts_total : int
+        Detections over the device's lifetime (survives restarts).
+    window_size : int
+        Samples held in the device's bounded window after this tick.
+    rejected_non_finite, rejected_wrong_width, rejected_unknown_label : int
+        Rows refused at the source this tick, by reason.
+    """
+
+    device: int
+    tick: int
+    model_version: int
+    n_samples: int
+    n_errors: int
+    drift: bool
+    n_drifts: int
+    drifts_total: int
+    window_size: int
+    rejected_non_finite: int = 0
+    rejected_wrong_width: int = 0
+    rejected_unknown_label: int = 0
+
+    @property
+    def rejected(self) -> int:
+        """All rows refused this tick."""
+        return self.rejected_non_finite + self.rejected_wrong_width + self.rejected_unknown_label
+
+    @property
+    def accuracy(self) -> float | None:
+        """Prequential accuracy this tick, None when no model was deployed."""
+        if self.model_version == 0 or self.n_samples == 0:
+            return None
+        return 1.0 - self.n_errors / self.n_samples
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain scalars, ready for a Flower ``ConfigRecord``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DriftReport:
+        """Read a report, refusing missing or ill-typed fields with one line."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                if f.default is not MISSING:
+                    continue
+                raise ValueError(f"drift report: missing field {f.name!r}")
+            value = data[f.name]
+            want = bool if f.type in ("bool", bool) else int
+            if want is bool and not isinstance(value, bool):
+                raise ValueError(f"drift report: field {f.name!r} must be a bool, got {value!r}")
+            if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"drift report: field {f.name!r} must be an int, got {value!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DriftReport))

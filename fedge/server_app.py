@@ -1,0 +1,396 @@
+"""The fedge Flower ServerApp: the orchestrator wired onto a Flower ``Grid``.
+
+Same code on every engine: the in-process engine hands ``main`` its own grid,
+Flower's simulation and deployment engines hand it theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from fedge import model as nets
+from fedge import protocol as p
+from fedge.config import FedgeConfig
+from fedge.orchestrator import (
+    CampaignOutcome,
+    CampaignRecord,
+    Orchestrator,
+    RoundMetrics,
+    RunRecord,
+    TickRecord,
+    drift_recoveries,
+)
+from fedge.scenarios import Scenario, build_scenario
+from fedge.tracking import Tracker, default_tracking_uri, ui_command
+from fedge.triggers import make_policy
+from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
+
+log = logging.getLogger("fedge.server")
+
+app = ServerApp()
+
+POLL_TIMEOUT = 600.0
+
+
+class DeviceGrid(Grid):
+    """A view of a grid restricted to some nodes, replying in a fixed node order.
+
+    Flower strategies sample from ``get_node_ids()``; handing them this view is
+    how a campaign trains only the chosen devices. Replies come back sorted by
+    the given order so aggregation is the same arithmetic on every engine.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._nodes = list(node_ids)
+        self._rank = {n: i for i, n in enumerate(self._nodes)}
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return sorted(replies, key=lambda m: self._rank.get(m.metadata.src_node_id, len(self._rank)))
+
+
+def make_strategy(cfg: FedgeConfig, n_devices: int) -> Strategy:
+    """The configured Flower strategy, sized for a campaign over ``n_devices``."""
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": n_devices,
+        "min_evaluate_nodes": n_devices,
+        "min_available_nodes": n_devices,
+    }
+    name = cfg.campaign.strategy
+    if name == "fedprox":
+        return FedProx(proximal_mu=cfg.campaign.proximal_mu, **common)
+    if name == "fedadam":
+        return FedAdam(eta=cfg.campaign.server_lr, eta_l=cfg.campaign.lr, **common)
+    return FedAvg(**common)
+
+
+def _metric(records: Mapping[int, Any], rnd: int, key: str) -> float:
+    rec = records.get(rnd)
+    if rec is None or key not in rec:
+        return float("nan")
+    return float(rec[key])
+
+
+class FlowerFederation:
+    """The orchestrator's view of the devices, over a Flower grid.
+
+    Devices are known by their stable partition ids (from their reports); the
+    Flower node ids, which change between runs and engines, stay in here.
+    """
+
+    def __init__(self, grid: Grid, cfg: FedgeConfig, expected_devices: int) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.expected = expected_devices
+        self.node_of: dict[int, int] = {}
+        self.deployed: dict[int, int] = {}
+
+    def _nodes(self) -> list[int]:
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.expected or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.5)
+
+    def poll(self, tick: int, champion: tuple[int, nets.Weights] | None) -> list[p.DriftReport]:
+        version = champion[0] if champion else 0
+        arrays = to_arrays(champion[1]) if champion else None
+        messages = []
+        for node in self._nodes():
+            content = RecordDict(
+                {p.CONFIG: ConfigRecord({p.TICK: tick, p.CHAMPION_VERSION: version})}
+            )
+            if arrays is not None and self.deployed.get(node) != version:
+                content[p.ARRAYS] = arrays
+            messages.append(Message(content, node, "query", group_id=f"tick-{tick}"))
+        reports = []
+        for reply in self.grid.send_and_receive(messages, timeout=POLL_TIMEOUT):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("tick %d: node %s replied with an error: %s", tick, node, reply.error)
+                continue
+            try:
+                report = p.DriftReport.from_dict(reply.content[p.REPORT])
+            except (KeyError, ValueError) as exc:
+                log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
+                continue
+            self.node_of[report.device] = node
+            self.deployed[node] = report.model_version
+            reports.append(report)
+        return sorted(reports, key=lambda r: r.device)
+
+    def campaign(
+        self,
+        devices: Sequence[int],
+        start: nets.Weights,
+        *,
+        tick: int,
+        rounds: int,
+        first_round: int,
+    ) -> CampaignOutcome:
+        nodes = [self.node_of[d] for d in devices if d in self.node_of]
+        strategy = make_strategy(self.cfg, len(nodes))
+        c = self.cfg.campaign
+        train_config = ConfigRecord(
+            {
+                p.LOCAL_EPOCHS: c.local_epochs,
+                p.LR: c.lr,
+                p.BATCH_SIZE: c.batch_size,
+                p.SEED: self.cfg.scenario.seed * 100003 + tick,
+                p.TICK: tick,
+            }
+        )
+        result = strategy.start(
+            grid=DeviceGrid(self.grid, nodes),
+            initial_arrays=to_arrays(start),
+            num_rounds=rounds,
+            train_config=train_config,
+            evaluate_config=ConfigRecord({p.TICK: tick}),
+            timeout=POLL_TIMEOUT,
+        )
+        train, ev = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
+        metrics = tuple(
+            RoundMetrics(
+                round=first_round + r - 1,
+                train_loss=_metric(train, r, p.TRAIN_LOSS),
+                eval_acc=_metric(ev, r, p.EVAL_ACC),
+                eval_loss=_metric(ev, r, p.EVAL_LOSS),
+                champion_acc=_metric(ev, r, p.CHAMPION_ACC),
+                n_devices=len(nodes),
+            )
+            for r in range(1, rounds + 1)
+        )
+        return CampaignOutcome(from_arrays(result.arrays), metrics, len(nodes))
+
+
+class MlflowRegistry:
+    """The orchestrator's registry port over :class:`fedge.tracking.Tracker`."""
+
+    def __init__(self, tracker: Tracker, scenario: Scenario, cfg: FedgeConfig) -> None:
+        self.tracker = tracker
+        self.cfg = cfg
+        self.scenario = scenario
+        x, _ = scenario.batch(0, 0)
+        self.input_example = np.nan_to_num(x[:5]).astype(np.float32)
+
+    def _model(self, weights: nets.Weights | None = None) -> Any:
+        m = nets.build_model(
+            self.scenario.n_features,
+            self.scenario.n_classes,
+            self.cfg.model.hidden,
+            self.cfg.model.layers,
+        )
+        return nets.set_weights(m, weights) if weights is not None else m
+
+    def register(self, weights: nets.Weights, tags: Mapping[str, str]) -> int:
+        return self.tracker.register_model(self._model(weights), self.input_example, tags)
+
+    def promote(self, version: int) -> None:
+        self.tracker.set_champion(version)
+
+    def champion(self) -> tuple[int, nets.Weights] | None:
+        found = self.tracker.champion()
+        if found is None:
+            return None
+        version, weights = found
+        try:
+            self._model(weights)
+        except ValueError as exc:
+            log.warning("champion v%d does not fit this model (%s); starting fresh", version, exc)
+            return None
+        return version, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+
+
+TickCallback = Callable[[TickRecord, CampaignRecord | None], None]
+
+
+def _log_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
+    acc = "-" if rec.accuracy is None else f"{rec.accuracy:.3f}"
+    log.info("tick %d: accuracy %s, drift %.0f%%", rec.tick, acc, 100 * rec.drift_fraction)
+    if campaign is not None:
+        verdict = "promoted" if campaign.promoted else "kept champion"
+        log.info(
+            "tick %d: campaign (%s) -> v%d %s (%.3f vs %.3f)",
+            rec.tick,
+            campaign.reason,
+            campaign.version,
+            verdict,
+            campaign.candidate_acc,
+            campaign.champion_acc,
+        )
+
+
+def run_server(
+    grid: Grid,
+    cfg: FedgeConfig,
+    folder: Path,
+    *,
+    on_tick: TickCallback | None = None,
+    engine: str = "",
+) -> dict[str, Any]:
+    """Run the whole loop on ``grid`` and return the run summary (also written to ``folder``)."""
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    scenario = build_scenario(cfg.scenario)
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
+    tracker = Tracker(uri, cfg.tracking.experiment, cfg.model_name, run_name=folder.name)
+    tracker.start(
+        cfg.flat(),
+        tags={"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine},
+    )
+    status = "FAILED"
+    try:
+        orch = Orchestrator(
+            FlowerFederation(grid, cfg, scenario.n_clients),
+            MlflowRegistry(tracker, scenario, cfg),
+            tracker,
+            make_policy(
+                cfg.trigger.policy,
+                quorum=cfg.trigger.quorum,
+                cooldown=cfg.trigger.cooldown,
+                period=cfg.trigger.period,
+            ),
+            nets.initial_weights(
+                nets.build_model(
+                    scenario.n_features, scenario.n_classes, cfg.model.hidden, cfg.model.layers
+                ),
+                cfg.scenario.seed,
+            ),
+            rounds=cfg.campaign.rounds,
+            initial_rounds=cfg.campaign.initial_rounds,
+            participants=cfg.campaign.participants,
+            min_improvement=cfg.campaign.min_improvement,
+            strategy=cfg.campaign.strategy,
+            resume=cfg.run.resume,
+            on_tick=on_tick or _log_tick,
+        )
+        record = orch.run(range(scenario.n_steps))
+        summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_dict(summary, "summary.json")
+        plot = plot_run(record, scenario.schedule.drift_steps(), folder / "accuracy.png")
+        if plot is not None:
+            tracker.log_artifact(plot)
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def build_summary(
+    cfg: FedgeConfig,
+    record: RunRecord,
+    scenario: Scenario,
+    tracker: Tracker,
+    uri: str,
+    folder: Path,
+    engine: str,
+) -> dict[str, Any]:
+    """Everything a person wants to know after a run, JSON-ready."""
+    return {
+        "scenario": cfg.scenario.name,
+        "engine": engine,
+        "run_id": tracker.run_id,
+        "run_dir": str(folder),
+        "tracking_uri": uri,
+        "ui_command": ui_command(uri),
+        "model_name": cfg.model_name,
+        "policy": cfg.trigger.policy,
+        "resumed_from": record.resumed_from,
+        "champion": record.champion,
+        "drift_steps": list(scenario.schedule.drift_steps()),
+        "recoveries": [asdict(r) for r in drift_recoveries(record, scenario.schedule.drift_steps())],
+        "campaigns": [asdict(c) for c in record.campaigns],
+        "ticks": [asdict(t) for t in record.ticks],
+        "versions": [
+            {"version": v["version"], "aliases": v["aliases"], "tags": v["tags"]}
+            for v in tracker.versions()
+        ],
+        "rejected_rows": sum(t.rejected for t in record.ticks),
+    }
+
+
+def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path | None:
+    """Accuracy per tick with drifts and campaigns marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ticks = [t.tick for t in record.ticks if t.accuracy is not None]
+    acc = [t.accuracy for t in record.ticks if t.accuracy is not None]
+    if not ticks:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(ticks, acc, marker="o", label="prequential accuracy")
+    for i, step in enumerate(drift_steps):
+        ax.axvline(step, color="red", linestyle="--", alpha=0.6, label="drift" if i == 0 else None)
+    for i, c in enumerate(record.campaigns):
+        ax.axvline(
+            c.tick + 0.5,
+            color="green" if c.promoted else "grey",
+            alpha=0.5,
+            label=("campaign" if i == 0 else None),
+        )
+    ax.set_xlabel("tick")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """ServerApp entry point for Flower's simulation and deployment engines."""
+    logging.basicConfig(level=logging.INFO)
+    cfg = config_from_context(context)
+    folder = run_dir(cfg, context)
+    engine = str(context.run_config.get("engine", "flower"))
+    run_server(grid, cfg, folder, engine=engine)
