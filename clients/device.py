@@ -78,9 +78,11 @@ class Device:
     def deploy(self, version: int, weights: dict[str, np.ndarray]) -> None:
         """Install the champion; its errors form a new stream, so the detector restarts."""
         nets.set_weights(self._model, weights)
-        self.store.put_model(version, weights)
-        if self.version != version:
-            self.monitor.reset()
+        with self.store.transaction():
+            self.store.put_model(version, weights)
+            if self.version != version:
+                self.monitor.reset()
+                self._persist()
         self.version = version
 
     # -- monitoring --------------------------------------------------------------------------
@@ -99,13 +101,15 @@ class Device:
             n_errors = int(errors.sum())
             update = self.monitor.update(errors)
             drift, n_drifts = update.drift, update.n_drifts
-        if drift and self.cfg.monitor.reset_window_on_drift:
-            # The window is the training data of the next campaign: keep only
-            # samples of the new concept.
-            self.store.drop_before(tick)
-        self.store.append(rows.x, rows.y, tick)
         self.counters["rejected_total"] += rows.rejected["total"]
-        self._persist()
+        # Window, detector and counters move together or not at all.
+        with self.store.transaction():
+            if drift and self.cfg.monitor.reset_window_on_drift:
+                # The window is the training data of the next campaign: keep only
+                # samples of the new concept.
+                self.store.drop_before(tick)
+            self.store.append(rows.x, rows.y, tick)
+            self._persist()
         if rows.rejected["total"]:
             log.info("device %d tick %d: rejected %s", self.device_id, tick, rows.rejected)
         return DriftReport(

@@ -190,8 +190,9 @@ class DeviceStore:
             (tick, label, raw[i * size : (i + 1) * size]) for i, label in enumerate(labels.tolist())
         ]
         with self._transaction() as conn:
-            if self._n_features is None:
-                _set_meta(conn, "n_features", str(width))
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
+            )
             conn.executemany("INSERT INTO samples (tick, label, x) VALUES (?, ?, ?)", records)
             self._trim(conn)
         self._n_features = width
@@ -244,6 +245,28 @@ class DeviceStore:
         with self._transaction() as conn:
             cursor = conn.execute("DELETE FROM samples WHERE tick < ?", (tick,))
         return int(cursor.rowcount)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several writes into one atomic step.
+
+        Either all writes made inside the ``with`` block are kept, or, if the block raises
+        or the process dies before it ends, none of them. Other threads using the store
+        wait until the block ends.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import numpy as np
+        >>> with DeviceStore(f"{tempfile.mkdtemp()}/node.sqlite") as store:
+        ...     with store.transaction():
+        ...         store.append(np.ones((2, 3)), np.array([0, 1]), tick=5)
+        ...         store.put_state("monitor", b"...")
+        ...     len(store), store.get_state("monitor")
+        (2, b'...')
+        """
+        with self._transaction():
+            yield
 
     def put_state(self, key: str, value: bytes) -> None:
         """Store a state blob under ``key``, replacing any previous value.
@@ -351,6 +374,17 @@ class DeviceStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._connection()
+            if conn.in_transaction:
+                # Inside transaction(): a savepoint lets this write fail alone.
+                conn.execute("SAVEPOINT write")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                    raise
+                conn.execute("RELEASE write")
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

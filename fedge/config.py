@@ -87,7 +87,12 @@ class TriggerConfig:
 
 @dataclass(frozen=True)
 class CampaignConfig:
-    """A retraining campaign: Flower strategy rounds, then the promotion gate."""
+    """A retraining campaign: Flower strategy rounds, then the promotion gate.
+
+    ``warm_start = false`` (default) retrains from fresh weights: a detected
+    drift says the old concept no longer holds, and fine-tuning a confident
+    model of it is slower and less reliable than learning anew.
+    """
 
     strategy: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedadam"))
     rounds: int = field(default=4, metadata=_at_least(1))
@@ -100,6 +105,7 @@ class CampaignConfig:
     holdout_every: int = field(default=5, metadata=_at_least(2))
     min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
     initial_rounds: int = field(default=8, metadata=_at_least(1))
+    warm_start: bool = False
 
 
 @dataclass(frozen=True)

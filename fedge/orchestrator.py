@@ -182,6 +182,9 @@ class Orchestrator:
         Name recorded in the lineage tags.
     resume : bool
         Start from the registry's champion when there is one.
+    warm_start : bool
+        Retraining campaigns start from the champion's weights (True) or from
+        the seeded initial weights (False: the old concept is forgotten at once).
     on_tick : callable, optional
         Called with each :class:`TickRecord` (progress display).
     """
@@ -200,6 +203,7 @@ class Orchestrator:
         min_improvement: float = 0.0,
         strategy: str = "fedavg",
         resume: bool = True,
+        warm_start: bool = True,
         on_tick: Callable[[TickRecord, CampaignRecord | None], None] | None = None,
     ) -> None:
         if participants not in ("all", "drifted"):
@@ -215,6 +219,7 @@ class Orchestrator:
         self.min_improvement = min_improvement
         self.strategy = strategy
         self.resume = resume
+        self.warm_start = warm_start
         self.on_tick = on_tick
         self.record = RunRecord()
         self.champion: tuple[int, Weights] | None = None
@@ -279,7 +284,8 @@ class Orchestrator:
                 "reports": [r.to_dict() for r in reports],
             },
         )
-        parent, start = self.champion if self.champion else (0, self.initial_weights)
+        parent = self.champion[0] if self.champion else 0
+        start = self.champion[1] if self.champion and self.warm_start else self.initial_weights
         rounds = self.rounds if self.champion else self.initial_rounds
         outcome = self.federation.campaign(
             devices, start, tick=tick, rounds=rounds, first_round=self.rounds_done + 1

@@ -305,6 +305,7 @@ def run_server(
             min_improvement=cfg.campaign.min_improvement,
             strategy=cfg.campaign.strategy,
             resume=cfg.run.resume,
+            warm_start=cfg.campaign.warm_start,
             on_tick=on_tick or _log_tick,
         )
         record = orch.run(range(scenario.n_steps))

@@ -167,6 +167,38 @@ def test_a_rejected_append_leaves_the_window_untouched(tmp_path: Path) -> None:
         assert len(store) == 3
 
 
+def test_transaction_keeps_all_of_its_writes_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite"
+    with DeviceStore(path) as store:
+        with store.transaction():
+            store.append(*batch(3), tick=0)
+            store.put_state("monitor", b"after tick 0")
+
+        with pytest.raises(RuntimeError), store.transaction():
+            store.drop_before(1)
+            store.append(*batch(3, start=3), tick=1)
+            store.put_state("monitor", b"after tick 1")
+            raise RuntimeError("power cut")
+
+    with DeviceStore(path) as store:
+        _, _, ticks = store.window()
+        state = store.get_state("monitor")
+    np.testing.assert_array_equal(ticks, [0, 0, 0])
+    assert state == b"after tick 0"
+
+
+def test_a_refused_write_inside_a_transaction_does_not_undo_the_others(tmp_path: Path) -> None:
+    with DeviceStore(tmp_path / "node.sqlite") as store:
+        with store.transaction():
+            store.put_state("a", b"1")
+            with pytest.raises(ValueError):
+                store.put_model(1, {"w": np.array([None], dtype=object)})
+            store.put_state("b", b"2")
+
+        assert store.get_state("a") == b"1" and store.get_state("b") == b"2"
+        assert store.get_model() is None
+
+
 def test_object_arrays_are_refused_and_the_old_model_kept(tmp_path: Path) -> None:
     with DeviceStore(tmp_path / "node.sqlite") as store:
         store.put_model(1, {"w": np.ones(2)})
