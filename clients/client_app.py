@@ -38,6 +38,8 @@ def device_for(context: Context) -> Device:
     if device is None:
         device = Device(config_from_context(context), device_id, path)
         _DEVICES[path] = device
+    else:
+        device.sync()
     return device
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ log = logging.getLogger("fedge.device")
 
 MONITOR_KEY = "monitor"
 COUNTERS_KEY = "counters"
+GENERATION_KEY = "generation"
 
 torch.set_num_threads(1)
 
@@ -56,6 +58,16 @@ class Device:
         self.device_id = device_id
         self.scenario = scenario if scenario is not None else build_scenario(cfg.scenario)
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
+        self._model = nets.build_model(
+            self.scenario.n_features, self.scenario.n_classes, cfg.model.hidden, cfg.model.layers
+        )
+        self._generation: bytes | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Read detector, counters and deployed model from the store."""
+        cfg, device_id = self.cfg, self.device_id
+        self._generation = self.store.get_state(GENERATION_KEY)
         state = self.store.get_state(MONITOR_KEY)
         if state is not None:
             self.monitor = DriftMonitor.from_bytes(state)
@@ -65,14 +77,20 @@ class Device:
             )
         raw = self.store.get_state(COUNTERS_KEY)
         self.counters: dict[str, int] = json.loads(raw) if raw else {"rejected_total": 0}
-        self._model = nets.build_model(
-            self.scenario.n_features, self.scenario.n_classes, cfg.model.hidden, cfg.model.layers
-        )
         deployed = self.store.get_model()
         self.version = 0
         if deployed is not None:
             self.version = deployed[0]
             nets.set_weights(self._model, deployed[1])
+
+    def sync(self) -> None:
+        """Reload if another process wrote this device's store since we last looked.
+
+        Flower's simulation may hand one device's messages to different worker
+        processes; the store, not any process's memory, is the device's state.
+        """
+        if self.store.get_state(GENERATION_KEY) != self._generation:
+            self._load()
 
     # -- deployment --------------------------------------------------------------------------
     def deploy(self, version: int, weights: dict[str, np.ndarray]) -> None:
@@ -82,7 +100,7 @@ class Device:
             self.store.put_model(version, weights)
             if self.version != version:
                 self.monitor.reset()
-                self._persist()
+            self._persist()
         self.version = version
 
     # -- monitoring --------------------------------------------------------------------------
@@ -130,6 +148,8 @@ class Device:
     def _persist(self) -> None:
         self.store.put_state(MONITOR_KEY, self.monitor.to_bytes())
         self.store.put_state(COUNTERS_KEY, json.dumps(self.counters).encode())
+        self._generation = os.urandom(8)
+        self.store.put_state(GENERATION_KEY, self._generation)
 
     # -- learning ----------------------------------------------------------------------------
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

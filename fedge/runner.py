@@ -100,8 +100,9 @@ def run_inprocess(
     finally:
         forget_devices()
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    text = json.dumps(summary, indent=2)
+    (folder / "summary.json").write_text(text)
+    return dict(json.loads(text))  # the same plain JSON values every engine returns
 
 
 def quiet_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
