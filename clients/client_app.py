@@ -50,14 +50,22 @@ def forget_devices() -> None:
     _DEVICES.clear()
 
 
+def _number(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"message config {key!r}: expected a number, got {value!r}")
+    return value
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Monitoring tick: deploy the champion if sent, test-then-store new rows, report drift."""
     device = device_for(context)
-    config = msg.content[p.CONFIG]
-    if p.ARRAYS in msg.content:
-        device.deploy(int(config[p.CHAMPION_VERSION]), from_arrays(msg.content[p.ARRAYS]))
-    report = device.monitor_tick(int(config[p.TICK]))
+    config = msg.content.config_records[p.CONFIG]
+    if p.ARRAYS in msg.content.array_records:
+        version = int(_number(config, p.CHAMPION_VERSION))
+        device.deploy(version, from_arrays(msg.content.array_records[p.ARRAYS]))
+    report = device.monitor_tick(int(_number(config, p.TICK)))
     return Message(RecordDict({p.REPORT: ConfigRecord(report.to_dict())}), reply_to=msg)
 
 
@@ -65,14 +73,15 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One local training pass over the device's window, starting from the global model."""
     device = device_for(context)
-    config = msg.content[p.CONFIG]
+    config = msg.content.config_records[p.CONFIG]
+    seed = int(_number(config, p.SEED)) * 7919 + int(_number(config, p.ROUND))
     weights, n, loss = device.train(
-        from_arrays(msg.content[p.ARRAYS]),
-        epochs=int(config[p.LOCAL_EPOCHS]),
-        lr=float(config[p.LR]),
-        batch_size=int(config[p.BATCH_SIZE]),
-        seed=int(config[p.SEED]) * 7919 + device.device_id * 104729 + int(config[p.ROUND]),
-        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
+        from_arrays(msg.content.array_records[p.ARRAYS]),
+        epochs=int(_number(config, p.LOCAL_EPOCHS)),
+        lr=_number(config, p.LR),
+        batch_size=int(_number(config, p.BATCH_SIZE)),
+        seed=seed + device.device_id * 104729,
+        proximal_mu=_number(config, p.PROXIMAL_MU, 0.0),
     )
     content = RecordDict(
         {
@@ -87,5 +96,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the candidate and the deployed champion on the held-out window."""
     device = device_for(context)
-    metrics = device.evaluate(from_arrays(msg.content[p.ARRAYS]))
-    return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    metrics = device.evaluate(from_arrays(msg.content.array_records[p.ARRAYS]))
+    return Message(RecordDict({p.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,9 +110,14 @@ class Device:
         """This tick's raw rows from the device's own data source."""
         return self.scenario.batch(self.device_id, tick)
 
-    def monitor_tick(self, tick: int, x_raw: object = None, y_raw: object = None) -> DriftReport:
+    def monitor_tick(
+        self,
+        tick: int,
+        x_raw: np.ndarray | Sequence[Any] | None = None,
+        y_raw: np.ndarray | Sequence[Any] | None = None,
+    ) -> DriftReport:
         """Validate, test-then-store this tick's rows and update the detector."""
-        if x_raw is None:
+        if x_raw is None or y_raw is None:
             x_raw, y_raw = self.read_sensor(tick)
         rows = validate_rows(x_raw, y_raw, self.scenario.n_features, self.scenario.n_classes)
         n_errors, drift, n_drifts = 0, False, 0
@@ -184,7 +191,7 @@ class Device:
         )
         return nets.get_weights(model), len(y), loss
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, int | float]:
         """Candidate and deployed champion on the held-out part of the window."""
         _, _, xh, yh = self._split()
         model = nets.build_model(

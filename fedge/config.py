@@ -194,9 +194,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif tp is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}")

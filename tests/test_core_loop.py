@@ -51,7 +51,7 @@ def test_quorum_retrains_only_after_the_drift_and_accuracy_recovers(
 
 
 def test_promoted_version_has_lineage_and_champion_alias(sudden: tuple[Path, dict[str, Any]]) -> None:
-    tmp, s = sudden
+    _, s = sudden
     versions = list_model_versions(s["tracking_uri"], "fedge-sine2-sudden")
     assert len(versions) == len(s["campaigns"]), "every campaign's model is a version"
     champions = [v for v in versions if "champion" in v["aliases"]]

@@ -22,7 +22,7 @@ SMALL = (
 
 def _flower_processes() -> list[str]:
     """Live (not zombie) Flower and Ray processes."""
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True, check=True).stdout
     me = str(os.getpid())
     rows = [line.split(None, 2) for line in out.splitlines()[1:]]
     return [

@@ -80,7 +80,7 @@ def _orchestrator(fed: FakeFederation, policy: Any, **kw: Any) -> tuple[Orchestr
 
 def test_quorum_starts_campaign_only_when_enough_devices_drift() -> None:
     fed = FakeFederation(10, {4: {1, 2}, 7: {1, 2, 3, 4}})
-    orch, reg, tr = _orchestrator(fed, DriftQuorum(quorum=0.3, cooldown=1))
+    orch, _, tr = _orchestrator(fed, DriftQuorum(quorum=0.3, cooldown=1))
     record = orch.run(range(10))
     assert [c.tick for c in record.campaigns] == [0, 7]
     assert record.campaigns[1].reason.startswith("drift quorum: 4/10")

@@ -212,14 +212,22 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 class ScenarioSpec(Protocol):
     """The configuration fields :func:`build_scenario` reads (``fedge.config.ScenarioConfig``)."""
 
-    generator: str
-    generator_params: Mapping[str, Any]
-    schedule: Mapping[str, Any]
-    seed: int
-    clients: int
-    ticks: int
-    samples_per_tick: int
-    bad_row_fraction: float
+    @property
+    def generator(self) -> str: ...
+    @property
+    def generator_params(self) -> Mapping[str, Any]: ...
+    @property
+    def schedule(self) -> Mapping[str, Any]: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def clients(self) -> int: ...
+    @property
+    def ticks(self) -> int: ...
+    @property
+    def samples_per_tick(self) -> int: ...
+    @property
+    def bad_row_fraction(self) -> float: ...
 
 
 def _resolve(value: Any) -> Any:
