@@ -102,7 +102,7 @@ def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
             if campaign is not None:
                 verdict = "[green]promoted[/]" if campaign.promoted else "[yellow]kept champion[/]"
                 line += (
-                    f"  -> campaign ({campaign.reason}): v{campaign.version} {verdict}"
+                    f"  -> {campaign.reason.split(':')[0]}: v{campaign.version} {verdict}"
                     f" ({campaign.candidate_acc:.3f} vs {campaign.champion_acc:.3f})"
                 )
             progress.console.print(line, highlight=False)
@@ -131,18 +131,18 @@ def _print_summary(s: dict[str, Any]) -> None:
     else:
         console.print("No drift in this scenario.")
     camp = Table(title=f"{len(s['campaigns'])} retraining campaigns", title_justify="left")
-    for col in ("tick", "why", "devices", "rounds", "version", "candidate", "champion", "gate"):
-        camp.add_column(col)
+    for col in ("tick", "why", "devices", "rounds", "candidate", "champion", "result"):
+        camp.add_column(col, no_wrap=True)
     for c in s["campaigns"]:
+        verdict = "[green]promoted[/]" if c["promoted"] else "[yellow]not promoted[/]"
         camp.add_row(
             str(c["tick"]),
             c["reason"].split(":")[0],
             str(len(c["devices"])),
             str(c["rounds"]),
-            f"v{c['version']}",
             f"{c['candidate_acc']:.3f}",
             "-" if c["parent"] == 0 else f"{c['champion_acc']:.3f}",
-            "[green]promoted[/]" if c["promoted"] else "[yellow]rejected[/]",
+            f"v{c['version']} {verdict}",
         )
     console.print(camp)
     vers = Table(title=f"Model versions of {s['model_name']}", title_justify="left")
