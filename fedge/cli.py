@@ -55,6 +55,7 @@ def run_cmd(
 ) -> None:
     """Run a drift scenario end to end and print what happened."""
     from fedge.config import ConfigError
+    from fedge.engines import EngineError
     from fedge.runner import RunRequest, run
     from fedge.tracking import TrackingError
 
@@ -77,6 +78,9 @@ def run_cmd(
             summary = run(request)
     except (ConfigError, TrackingError) as exc:
         _fail(str(exc))
+        return
+    except EngineError as exc:
+        _fail(str(exc), code=1)
         return
     _print_summary(summary)
 

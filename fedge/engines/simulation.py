@@ -54,6 +54,8 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+from fedge.engines import EngineError
+
 _MARKER_ENV = "FEDGE_FLWR_SIM_ID"
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
@@ -291,7 +293,7 @@ def run_flower_simulation(  # pylint: disable=too-many-arguments,too-many-locals
 
     app_dir = Path(app_dir or PROJECT_ROOT).expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():
-        raise RuntimeError(
+        raise EngineError(
             f"the simulation engine runs the Flower app of a fedge source checkout; "
             f"no pyproject.toml in {app_dir}"
         )
@@ -305,7 +307,7 @@ def run_flower_simulation(  # pylint: disable=too-many-arguments,too-many-locals
     superlink_exe = str(bin_dir / "flower-superlink")
     for exe in (flwr, superlink_exe):
         if not os.access(exe, os.X_OK):
-            raise RuntimeError(f"Executable not found: {exe}")
+            raise EngineError(f"Executable not found: {exe}")
 
     # Short path: Ray's unix-socket paths under RAY_TMPDIR must stay < 107 bytes
     home = Path(tempfile.mkdtemp(prefix="flwr-"))
@@ -476,7 +478,7 @@ def run_flower_simulation(  # pylint: disable=too-many-arguments,too-many-locals
             shutil.rmtree(home, ignore_errors=True)
 
     if error is not None:
-        raise RuntimeError(
-            f"Flower simulation failed: {error}\n"
+        raise EngineError(
+            f"Flower simulation failed: {error}; log: {log_path}\n"
             f"--- last lines of {log_path} ---\n{_tail(log_path)}"
         )
