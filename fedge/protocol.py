@@ -128,3 +128,14 @@ class DriftReport:
 
 
 REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DriftReport))
+
+
+#: The egress policy: what a device may send, per reply type. Each entry maps a
+#: record name to its kind and, for config and metric records, the keys allowed
+#: (scalars only). Array records must mirror the names and shapes of the model
+#: the server sent in the same exchange; nothing else may leave.
+EGRESS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "query": {REPORT: ("config", REPORT_FIELDS)},
+    "train": {ARRAYS: ("arrays", ()), METRICS: ("metrics", DEVICE_METRICS["train"])},
+    "evaluate": {METRICS: ("metrics", DEVICE_METRICS["evaluate"])},
+}

@@ -1,0 +1,108 @@
+"""The egress policy, enforced on every message a device sends.
+
+:func:`egress_violations` compares a reply with :data:`fedge.protocol.EGRESS`;
+:func:`make_egress_mod` turns that into a Flower client mod that blocks any
+reply outside the contract (the server receives an error instead, and the
+device logs why) and records every outgoing message in the device's
+hash-chained audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from clients.audit import AuditLog, describe
+from fedge.protocol import EGRESS
+
+log = logging.getLogger("fedge.device")
+
+EGRESS_BLOCKED = 4031
+HANDLER_FAILED = 5001
+
+_KINDS = {"arrays": ArrayRecord, "config": ConfigRecord, "metrics": MetricRecord}
+
+
+def egress_violations(request: Message, reply: Message) -> list[str]:
+    """Every way ``reply`` breaks the egress policy (empty when it may leave)."""
+    if reply.has_error():
+        return []
+    kind = request.metadata.message_type.split(".")[0]
+    allowed = EGRESS.get(kind)
+    if allowed is None:
+        return [f"no reply is allowed to a {kind!r} message"]
+    problems = []
+    for name, record in reply.content.items():
+        if name not in allowed:
+            problems.append(f"record {name!r} is not allowed in a {kind} reply")
+            continue
+        want, keys = allowed[name]
+        if not isinstance(record, _KINDS[want]):
+            problems.append(f"record {name!r} must be {want}, got {type(record).__name__}")
+            continue
+        if isinstance(record, ArrayRecord):
+            problems += _array_violations(name, record, request)
+        else:
+            for key, value in record.items():
+                if key not in keys:
+                    problems.append(f"{name}.{key} is not an allowed key")
+                elif not isinstance(value, (bool, int, float)):
+                    problems.append(f"{name}.{key} must be a scalar, got {type(value).__name__}")
+    return problems
+
+
+def _array_violations(name: str, record: ArrayRecord, request: Message) -> list[str]:
+    sent = request.content.array_records.get(name) if request.has_content() else None
+    if sent is None:
+        return [f"arrays {name!r} were not part of the request"]
+    expected = {k: tuple(a.shape) for k, a in sent.items()}
+    got = {k: tuple(a.shape) for k, a in record.items()}
+    if got != expected:
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        missing = sorted(set(expected) - set(got))
+        detail = f"extra {extra}, wrong shape {wrong}, missing {missing}"
+        return [f"arrays {name!r} do not mirror the model sent ({detail})"]
+    return []
+
+
+def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
+    """A client mod enforcing the egress policy and writing the audit log.
+
+    Parameters
+    ----------
+    audit_path : callable
+        Gives the audit log file of the device a context belongs to.
+    """
+    logs: dict[Path, AuditLog] = {}
+
+    def egress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        path = audit_path(context)
+        audit = logs.get(path)
+        if audit is None:
+            audit = logs[path] = AuditLog(path)
+        try:
+            reply = call_next(msg, context)
+        except Exception as exc:  # noqa: BLE001 - an exception text may quote local data
+            log.warning("handler %s failed on the device: %r", msg.metadata.message_type, exc)
+            reply = Message(
+                Error(HANDLER_FAILED, f"device handler failed ({type(exc).__name__})"),
+                reply_to=msg,
+            )
+        problems = egress_violations(msg, reply)
+        entry = describe(reply)
+        if problems:
+            log.warning("egress blocked a %s reply: %s", msg.metadata.message_type, "; ".join(problems))
+            audit.append({**entry, "blocked": True, "violations": problems})
+            return Message(
+                Error(EGRESS_BLOCKED, "egress policy blocked the reply: " + "; ".join(problems)),
+                reply_to=msg,
+            )
+        audit.append({**entry, "blocked": False})
+        return reply
+
+    return egress_mod

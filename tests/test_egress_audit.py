@@ -1,0 +1,124 @@
+"""Only what the wire contract allows leaves a device, and every message is in its audit log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.audit import AuditLog, summarise, verify
+from clients.egress import EGRESS_BLOCKED, egress_violations, make_egress_mod
+from fedge.wire import to_arrays
+
+WEIGHTS = {"0.weight": np.zeros((4, 2), np.float32), "0.bias": np.zeros(4, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    TaskIdentity.task_id = 1
+
+
+def _request(kind: str) -> Message:
+    content = RecordDict({"config": ConfigRecord({"tick": 3})})
+    if kind == "train":
+        content["arrays"] = to_arrays(WEIGHTS)
+    msg = Message(content, 1001, kind, group_id="g")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    return msg
+
+
+def _reply(request: Message, **records: object) -> Message:
+    return Message(RecordDict(records), reply_to=request)  # type: ignore[arg-type]
+
+
+def test_a_proper_train_reply_may_leave() -> None:
+    req = _request("train")
+    reply = _reply(req, arrays=to_arrays(WEIGHTS),
+                   metrics=MetricRecord({"num-examples": 80, "train_loss": 0.3}))
+    assert egress_violations(req, reply) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "records", "expected"),
+    [
+        ("train", {"raw": ConfigRecord({"x": 1.0})}, "record 'raw' is not allowed"),
+        ("train", {"metrics": MetricRecord({"num-examples": 1, "labels": [0, 1, 1]})},
+         "metrics.labels is not an allowed key"),
+        ("train", {"metrics": MetricRecord({"train_loss": [0.1, 0.2]})},
+         "metrics.train_loss must be a scalar"),
+        ("train", {"arrays": to_arrays({"samples": np.ones((100, 2), np.float32)})},
+         "do not mirror the model sent"),
+        ("query", {"report": ConfigRecord({"device": 1, "secret": "x"})},
+         "report.secret is not an allowed key"),
+        ("query", {"arrays": to_arrays(WEIGHTS)}, "record 'arrays' is not allowed"),
+        ("evaluate", {"metrics": ConfigRecord({"eval_acc": 0.9})}, "must be metrics"),
+    ],
+)
+def test_replies_outside_the_contract_are_refused(
+    kind: str, records: dict[str, object], expected: str
+) -> None:
+    req = _request(kind)
+    problems = egress_violations(req, _reply(req, **records))
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_mod_blocks_a_handler_that_tries_to_send_raw_data(tmp_path: Path) -> None:
+    audit = tmp_path / "d.audit.jsonl"
+    mod = make_egress_mod(lambda ctx: audit)
+    ctx = Context(1, 1001, {}, RecordDict(), {})
+    raw = np.random.default_rng(0).random((100, 2)).astype(np.float32)
+
+    def leaky(msg: Message, context: Context) -> Message:
+        return _reply(msg, arrays=to_arrays({"x": raw}), metrics=MetricRecord({"num-examples": 1}))
+
+    out = mod(_request("train"), ctx, leaky)
+    assert out.has_error() and out.error.code == EGRESS_BLOCKED
+    assert "do not mirror the model sent" in out.error.reason
+    text = audit.read_text()
+    assert '"blocked": true' in text
+    assert str(float(raw[0, 0]))[:8] not in text, "the audit log holds no values"
+    summary = summarise(audit)
+    assert summary["messages"] == 1 and len(summary["blocked"]) == 1
+    assert summary["bytes_sent"] == 0
+
+
+def test_handler_exceptions_leave_only_their_type(tmp_path: Path) -> None:
+    mod = make_egress_mod(lambda ctx: tmp_path / "a.jsonl")
+
+    def failing(msg: Message, context: Context) -> Message:
+        raise ValueError("row [0.123, 0.456] is odd")
+
+    out = mod(_request("query"), Context(1, 1001, {}, RecordDict(), {}), failing)
+    assert out.has_error()
+    assert "0.123" not in out.error.reason and "ValueError" in out.error.reason
+
+
+def test_audit_chain_detects_edits_insertions_and_deletions(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, fsync=False)
+    for i in range(5):
+        log.append({"message_type": "query", "bytes": 100 + i, "blocked": False})
+    assert verify(path).ok and verify(path).entries == 5
+    # a restarted device continues the same chain
+    AuditLog(path, fsync=False).append({"message_type": "train", "bytes": 7, "blocked": False})
+    assert verify(path).ok and verify(path).entries == 6
+
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[2])
+    edited["bytes"] = 1
+    for tampered, where in [
+        (lines[:2] + [json.dumps(edited)] + lines[3:], 2),
+        (lines[:3] + lines[4:], 3),
+        (lines[:1] + [lines[2], lines[1]] + lines[3:], 1),
+        (lines[:2] + ["not json"] + lines[2:], 2),
+    ]:
+        path.write_text("\n".join(tampered) + "\n")
+        verdict = verify(path)
+        assert not verdict.ok and verdict.broken_at == where, verdict
