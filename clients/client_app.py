@@ -14,12 +14,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.device import Device
+from clients.egress import make_egress_mod
 from fedge import protocol as p
 from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
 
 log = logging.getLogger("fedge.device")
-
-app = ClientApp()
 
 _DEVICES: dict[Path, Device] = {}
 
@@ -29,6 +28,15 @@ def store_path(context: Context) -> tuple[int, Path]:
     cfg = config_from_context(context)
     device_id = int(context.node_config.get("partition-id", 0))
     return device_id, run_dir(cfg, context) / "devices" / f"device-{device_id}.sqlite"
+
+
+def audit_path(context: Context) -> Path:
+    """The device's audit log, beside its store."""
+    return store_path(context)[1].with_suffix(".audit.jsonl")
+
+
+# Every reply passes the egress policy and lands in the device's audit log.
+app = ClientApp(mods=[make_egress_mod(audit_path)])
 
 
 def device_for(context: Context) -> Device:
@@ -64,7 +72,8 @@ def query(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[p.CONFIG]
     if p.ARRAYS in msg.content.array_records:
         version = int(_number(config, p.CHAMPION_VERSION))
-        device.deploy(version, from_arrays(msg.content.array_records[p.ARRAYS]))
+        family = int(_number(config, p.MODEL_FAMILY)) if p.MODEL_FAMILY in config else None
+        device.deploy(version, from_arrays(msg.content.array_records[p.ARRAYS]), family)
     report = device.monitor_tick(int(_number(config, p.TICK)))
     return Message(RecordDict({p.REPORT: ConfigRecord(report.to_dict())}), reply_to=msg)
 
@@ -98,3 +107,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = device_for(context)
     metrics = device.evaluate(from_arrays(msg.content.array_records[p.ARRAYS]))
     return Message(RecordDict({p.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)
+
+
+@app.evaluate(p.SCORES)
+def scores(msg: Message, context: Context) -> Message:
+    """How many of the latest samples each model in service gets right (model assignment)."""
+    device = device_for(context)
+    arrays = msg.content.array_records
+    slots = [i for i in range(p.MAX_SCORED_MODELS) if p.scored_model(i) in arrays]
+    n, correct = device.score([from_arrays(arrays[p.scored_model(i)]) for i in slots])
+    metrics: dict[str, int] = {p.NUM_EXAMPLES: n}
+    metrics.update({p.scored_correct(i): c for i, c in zip(slots, correct, strict=True)})
+    return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)

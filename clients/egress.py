@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from clients.audit import AuditLog, describe
+from fedge.audit import AuditLog
 from fedge.protocol import EGRESS
 
 log = logging.getLogger("fedge.device")
@@ -106,3 +107,28 @@ def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
         return reply
 
     return egress_mod
+
+
+def describe(message: Message) -> dict[str, Any]:
+    """What a message carries, without any value: kinds, keys, shapes, bytes."""
+    records: dict[str, Any] = {}
+    total = 0
+    if message.has_content():
+        content = message.content
+        for name, arrays in content.array_records.items():
+            records[name] = {
+                "kind": "arrays",
+                "shapes": {k: list(a.shape) for k, a in arrays.items()},
+                "bytes": arrays.count_bytes(),
+            }
+        for name, config in content.config_records.items():
+            records[name] = {"kind": "config", "keys": sorted(config), "bytes": config.count_bytes()}
+        for name, metrics in content.metric_records.items():
+            records[name] = {"kind": "metrics", "keys": sorted(metrics), "bytes": metrics.count_bytes()}
+        total = sum(int(r["bytes"]) for r in records.values())
+    return {
+        "message_type": message.metadata.message_type,
+        "records": records,
+        "bytes": total,
+        "error": message.has_error(),
+    }

@@ -233,6 +233,58 @@ def scenarios_cmd() -> None:
     console.print(table)
 
 
+@app.command("audit")
+def audit_cmd(
+    log: Annotated[Path, typer.Argument(help="A device's audit log (*.audit.jsonl).")],
+) -> None:
+    """Verify a device's hash-chained audit log and summarise what it sent."""
+    from fedge.audit import summarise, verify
+
+    verdict = verify(log)
+    if not verdict.ok:
+        _fail(f"audit log {log}: chain broken at entry {verdict.broken_at}: {verdict.reason}", 1)
+        return
+    s = summarise(log)
+    console.print(f"[green]chain intact[/]: {verdict.entries} entries in {log}")
+    table = Table(title="Outgoing messages", title_justify="left")
+    table.add_column("message type")
+    table.add_column("count", justify="right")
+    for kind, n in sorted(s["by_type"].items()):
+        table.add_row(kind, str(n))
+    console.print(table)
+    console.print(f"bytes sent: {s['bytes_sent']}   blocked: {len(s['blocked'])}")
+    for b in s["blocked"]:
+        console.print(f"  entry {b['seq']}: {'; '.join(b['violations'])}", highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds summary.json).")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the Markdown report.")] = None,
+    log_to_mlflow: Annotated[bool, typer.Option(help="Attach the report to the run.")] = True,
+) -> None:
+    """Write the compliance report of a run and attach it to its MLflow run."""
+    import json
+
+    from fedge.report import write_report
+    from fedge.tracking import TrackingError, attach_artifact
+
+    try:
+        path = write_report(run_dir, out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+        return
+    console.print(f"compliance report: {path}")
+    if log_to_mlflow:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        try:
+            attach_artifact(summary["tracking_uri"], summary["run_id"], path, "compliance")
+        except TrackingError as exc:
+            _fail(str(exc), 1)
+            return
+        console.print(f"attached to MLflow run {summary['run_id']}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -158,6 +158,22 @@ def list_model_versions(tracking_uri: str, model_name: str | None = None) -> lis
         return [row for name in names for row in _model_versions(client, name)]
 
 
+def attach_artifact(
+    tracking_uri: str, run_id: str, path: Path, artifact_path: str | None = None
+) -> None:
+    """Add a file to an existing (possibly finished) run, e.g. a report made afterwards.
+
+    Raises
+    ------
+    TrackingError
+        If the store or the run cannot be reached.
+    """
+    _check_uri(tracking_uri)
+    client = _connect(tracking_uri)
+    with _translate(tracking_uri, f"attaching {path.name} to run {run_id}"):
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 class Tracker:
     """One MLflow run of a fedge scenario plus the registered model it feeds.
 

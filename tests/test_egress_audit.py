@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.audit import AuditLog, summarise, verify
 from clients.egress import EGRESS_BLOCKED, egress_violations, make_egress_mod
+from fedge.audit import AuditLog, summarise, verify
 from fedge.wire import to_arrays
 
 WEIGHTS = {"0.weight": np.zeros((4, 2), np.float32), "0.bias": np.zeros(4, np.float32)}

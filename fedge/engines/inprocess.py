@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -66,8 +66,12 @@ class InProcessGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
         self.offline: set[int] = set()
+        #: Called with (request, reply) for every exchange: an observer of what crosses the wire.
+        self.on_exchange: Callable[[Message, Message], None] | None = None
         self.messages_sent = 0
         self.client_seconds = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -100,6 +104,7 @@ class InProcessGrid(Grid):
             if context is None or md.dst_node_id in self.offline:
                 continue  # unreachable node: no reply, as on a real network
             self.messages_sent += 1
+            self.bytes_sent += content_bytes(msg)
             started = time.perf_counter()
             try:
                 reply = self.client_app(msg, context)
@@ -107,7 +112,10 @@ class InProcessGrid(Grid):
                 log.warning("node %d failed on %s: %s", md.dst_node_id, md.message_type, exc)
                 reply = Message(Error(CLIENT_ERROR, f"{type(exc).__name__}: {exc}"), reply_to=msg)
             self.client_seconds += time.perf_counter() - started
+            self.bytes_received += content_bytes(reply)
             reply.metadata.__dict__["_message_id"] = uuid4().hex
+            if self.on_exchange is not None:
+                self.on_exchange(msg, reply)
             self._replies[md.message_id] = reply
         return ids
 
@@ -118,3 +126,10 @@ class InProcessGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def content_bytes(message: Message) -> int:
+    """Bytes of the records a message carries (model arrays, configs, metrics)."""
+    if not message.has_content():
+        return 0
+    return sum(int(record.count_bytes()) for record in message.content.values())

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
-
 GENESIS = "0" * 64
 
 
@@ -139,29 +137,4 @@ def summarise(path: str | Path) -> dict[str, Any]:
         "by_type": dict(by_type),
         "bytes_sent": sent_bytes,
         "blocked": blocked,
-    }
-
-
-def describe(message: Message) -> dict[str, Any]:
-    """What a message carries, without any value: kinds, keys, shapes, bytes."""
-    records: dict[str, Any] = {}
-    total = 0
-    if message.has_content():
-        content = message.content
-        for name, arrays in content.array_records.items():
-            records[name] = {
-                "kind": "arrays",
-                "shapes": {k: list(a.shape) for k, a in arrays.items()},
-                "bytes": arrays.count_bytes(),
-            }
-        for name, config in content.config_records.items():
-            records[name] = {"kind": "config", "keys": sorted(config), "bytes": config.count_bytes()}
-        for name, metrics in content.metric_records.items():
-            records[name] = {"kind": "metrics", "keys": sorted(metrics), "bytes": metrics.count_bytes()}
-        total = sum(int(r["bytes"]) for r in records.values())
-    return {
-        "message_type": message.metadata.message_type,
-        "records": records,
-        "bytes": total,
-        "error": message.has_error(),
     }
