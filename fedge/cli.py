@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -61,9 +62,9 @@ def run_cmd(
 
     overrides = list(set_ or [])
     if output_dir is not None:
-        overrides.append(f'run.output_dir="{output_dir.expanduser().resolve()}"')
+        overrides.append(f"run.output_dir={json.dumps(str(output_dir.expanduser().resolve()))}")
     if tracking_uri is not None:
-        overrides.append(f'tracking.uri="{tracking_uri}"')
+        overrides.append(f"tracking.uri={json.dumps(tracking_uri)}")
     if fresh:
         overrides.append("run.resume=false")
     request = RunRequest(scenario, tuple(overrides), engine)
@@ -264,8 +265,6 @@ def report_cmd(
     log_to_mlflow: Annotated[bool, typer.Option(help="Attach the report to the run.")] = True,
 ) -> None:
     """Write the compliance report of a run and attach it to its MLflow run."""
-    import json
-
     from fedge.report import write_report
     from fedge.tracking import TrackingError, attach_artifact
 

@@ -6,6 +6,7 @@ two can never disagree on how a model or a report is encoded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def config_from_context(context: Context) -> FedgeConfig:
     if key not in _CONFIG_CACHE:
         overrides = split_overrides(key[1])
         if key[2]:
-            overrides.append(f"run.output_dir={key[2]!r}".replace("'", '"'))
+            overrides.append(f"run.output_dir={json.dumps(key[2])}")
         _CONFIG_CACHE[key] = load_config(key[0] or None, overrides)
     return _CONFIG_CACHE[key]
 
