@@ -84,17 +84,20 @@ def train(msg: Message, context: Context) -> Message:
     device = device_for(context)
     config = msg.content.config_records[p.CONFIG]
     seed = int(_number(config, p.SEED)) * 7919 + int(_number(config, p.ROUND))
+    start = from_arrays(msg.content.array_records[p.ARRAYS])
     weights, n, loss = device.train(
-        from_arrays(msg.content.array_records[p.ARRAYS]),
+        start,
         epochs=int(_number(config, p.LOCAL_EPOCHS)),
         lr=_number(config, p.LR),
         batch_size=int(_number(config, p.BATCH_SIZE)),
         seed=seed + device.device_id * 104729,
         proximal_mu=_number(config, p.PROXIMAL_MU, 0.0),
     )
+    codec = str(config.get(p.COMPRESSION, "none"))
+    upload = device.encode_upload(weights, start, codec, int(_number(config, p.TICK, 0)))
     content = RecordDict(
         {
-            p.ARRAYS: to_arrays(weights),
+            p.ARRAYS: to_arrays(upload),
             p.METRICS: MetricRecord({p.NUM_EXAMPLES: n, p.TRAIN_LOSS: loss}),
         }
     )
@@ -116,6 +119,6 @@ def scores(msg: Message, context: Context) -> Message:
     arrays = msg.content.array_records
     slots = [i for i in range(p.MAX_SCORED_MODELS) if p.scored_model(i) in arrays]
     n, correct = device.score([from_arrays(arrays[p.scored_model(i)]) for i in slots])
-    metrics: dict[str, int] = {p.NUM_EXAMPLES: n}
+    metrics: dict[str, int | float | list[int] | list[float]] = {p.NUM_EXAMPLES: n}
     metrics.update({p.scored_correct(i): c for i, c in zip(slots, correct, strict=True)})
     return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from clients.ingest import Batch, Inbox, inbox_path
 from clients.monitor import DriftMonitor
 from clients.store import DeviceStore
 from clients.validation import validate_rows
 from fedge import model as nets
+from fedge.compression import encode_update
 from fedge.config import FedgeConfig
 from fedge.protocol import DriftReport
 from fedge.scenarios import Scenario, build_scenario
@@ -30,6 +32,9 @@ log = logging.getLogger("fedge.device")
 MONITOR_KEY = "monitor"
 COUNTERS_KEY = "counters"
 GENERATION_KEY = "generation"
+RESIDUAL_KEY = "upload-residual"
+FAMILY_KEY = "model-family"
+INBOX_CURSOR_KEY = "inbox-cursor"
 
 torch.set_num_threads(1)
 
@@ -95,12 +100,30 @@ class Device:
             self._load()
 
     # -- deployment --------------------------------------------------------------------------
-    def deploy(self, version: int, weights: dict[str, np.ndarray]) -> None:
-        """Install the champion; its errors form a new stream, so the detector restarts."""
+    def deploy(self, version: int, weights: dict[str, np.ndarray], family: int | None = None) -> None:
+        """Install a model; a model of another lineage starts a new error stream.
+
+        Parameters
+        ----------
+        version : int
+            Registry version of the model.
+        weights : dict of ndarray
+            The model's weights.
+        family : int, optional
+            The cluster the model serves. Given, the detector restarts only when the
+            family changes (a retrained model of the same cluster continues the
+            stream); omitted, it restarts whenever the version changes.
+        """
         nets.set_weights(self._model, weights)
+        previous = self.store.get_state(FAMILY_KEY)
+        new_family = str(family).encode() if family is not None else None
         with self.store.transaction():
             self.store.put_model(version, weights)
-            if self.version != version:
+            if new_family is not None:
+                if previous != new_family:
+                    self.monitor.reset()
+                self.store.put_state(FAMILY_KEY, new_family)
+            elif self.version != version:
                 self.monitor.reset()
             self._persist()
         self.version = version
@@ -110,23 +133,52 @@ class Device:
         """This tick's raw rows from the device's own data source."""
         return self.scenario.batch(self.device_id, tick)
 
+    def read_inbox(self, tick: int) -> Batch | None:
+        """Rows the device application put in the ingest inbox up to ``tick``.
+
+        Returns ``None`` when the device has no inbox (then the scenario's
+        generator is the data source). The cursor lives in the store, so a batch
+        is taken exactly once even across restarts.
+        """
+        path = inbox_path(self.store.path)
+        if not path.exists():
+            return None
+        raw = self.store.get_state(INBOX_CURSOR_KEY)
+        with Inbox(
+            path, n_features=self.scenario.n_features, n_classes=self.scenario.n_classes
+        ) as inbox:
+            return inbox.take(after=int(raw) if raw else 0, through_tick=tick)
+
     def monitor_tick(
         self,
         tick: int,
         x_raw: np.ndarray | Sequence[Any] | None = None,
         y_raw: np.ndarray | Sequence[Any] | None = None,
     ) -> DriftReport:
-        """Validate, test-then-store this tick's rows and update the detector."""
+        """Validate, test-then-store this tick's rows and update the detector.
+
+        Without explicit rows the device reads its ingest inbox if it has one,
+        else its scenario's generator.
+        """
+        ingested: Batch | None = None
         if x_raw is None or y_raw is None:
-            x_raw, y_raw = self.read_sensor(tick)
+            ingested = self.read_inbox(tick)
+            if ingested is not None:
+                x_raw, y_raw = ingested.x, ingested.y
+            else:
+                x_raw, y_raw = self.read_sensor(tick)
         rows = validate_rows(x_raw, y_raw, self.scenario.n_features, self.scenario.n_classes)
+        rejected = dict(rows.rejected)
+        if ingested is not None:
+            # Rows the device application's ingest dropped count as rejected here too.
+            rejected = {k: v + ingested.rejected.get(k, 0) for k, v in rejected.items()}
         n_errors, drift, n_drifts = 0, False, 0
         if self.version > 0 and len(rows.y):
             errors = (nets.predict(self._model, rows.x) != rows.y).astype(np.int8)
             n_errors = int(errors.sum())
             update = self.monitor.update(errors)
             drift, n_drifts = update.drift, update.n_drifts
-        self.counters["rejected_total"] += rows.rejected["total"]
+        self.counters["rejected_total"] += rejected["total"]
         # Window, detector and counters move together or not at all.
         with self.store.transaction():
             if drift and self.cfg.monitor.reset_window_on_drift:
@@ -134,9 +186,15 @@ class Device:
                 # samples of the new concept.
                 self.store.drop_before(tick)
             self.store.append(rows.x, rows.y, tick)
+            if ingested is not None and not ingested.empty:
+                self.store.put_state(INBOX_CURSOR_KEY, str(ingested.last_batch_id).encode())
             self._persist()
-        if rows.rejected["total"]:
-            log.info("device %d tick %d: rejected %s", self.device_id, tick, rows.rejected)
+        if ingested is not None and not ingested.empty:
+            # Taken batches are in the store now; the inbox stays small.
+            with Inbox(inbox_path(self.store.path)) as inbox:
+                inbox.prune(ingested.last_batch_id)
+        if rejected["total"]:
+            log.info("device %d tick %d: rejected %s", self.device_id, tick, rejected)
         return DriftReport(
             device=self.device_id,
             tick=tick,
@@ -147,9 +205,9 @@ class Device:
             n_drifts=n_drifts,
             drifts_total=self.monitor.drifts_total,
             window_size=len(self.store),
-            rejected_non_finite=rows.rejected["non_finite"],
-            rejected_wrong_width=rows.rejected["wrong_width"],
-            rejected_unknown_label=rows.rejected["unknown_label"],
+            rejected_non_finite=rejected["non_finite"],
+            rejected_wrong_width=rejected["wrong_width"],
+            rejected_unknown_label=rejected["unknown_label"],
         )
 
     def _persist(self) -> None:
@@ -204,6 +262,70 @@ class Device:
         acc, loss = nets.evaluate(model, xh, yh)
         champ = nets.evaluate(self._model, xh, yh)[0] if self.version > 0 else 0.0
         return {"num-examples": len(yh), "eval_acc": acc, "eval_loss": loss, "champion_acc": champ}
+
+    def score(self, models: Sequence[dict[str, np.ndarray]]) -> tuple[int, list[int]]:
+        """How many of the latest tick's samples each of ``models`` gets right.
+
+        Returns
+        -------
+        tuple
+            The number of samples scored and, per model, the correct predictions.
+        """
+        x, y, ticks = self.store.window()
+        if len(y):
+            latest = ticks == ticks.max()
+            x, y = x[latest], y[latest]
+        model = nets.build_model(
+            self.scenario.n_features,
+            self.scenario.n_classes,
+            self.cfg.model.hidden,
+            self.cfg.model.layers,
+        )
+        correct = []
+        for weights in models:
+            nets.set_weights(model, weights)
+            correct.append(int((nets.predict(model, x) == y).sum()))
+        return len(y), correct
+
+    def encode_upload(
+        self,
+        weights: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray],
+        codec: str,
+        tick: int,
+    ) -> dict[str, np.ndarray]:
+        """Encode trained weights for the upload, keeping what the codec loses.
+
+        The residual (error feedback) lives in the store, so it survives a restart and
+        is seen by whichever process handles this device's next round; a residual of
+        an earlier campaign (another ``tick``) is dropped.
+
+        Parameters
+        ----------
+        weights : dict of ndarray
+            The locally trained model.
+        reference : dict of ndarray
+            The global model this round started from.
+        codec : {"none", "float16", "int8"}
+            The codec the server asked for (see :mod:`fedge.compression`).
+        tick : int
+            The campaign's tick.
+
+        Returns
+        -------
+        dict of ndarray
+            The arrays to upload.
+        """
+        if codec == "none":
+            return weights
+        saved = self.store.get_state(RESIDUAL_KEY)
+        residual = None
+        if saved is not None and saved[:8] == int(tick).to_bytes(8, "little", signed=True):
+            residual = np.frombuffer(saved[8:], dtype=np.float32)
+        encoded = encode_update(weights, reference, codec, residual)
+        blob = int(tick).to_bytes(8, "little", signed=True) + encoded.residual.tobytes()
+        self.store.put_state(RESIDUAL_KEY, blob)
+        return encoded.arrays
 
     def close(self) -> None:
         """Flush and close the store."""

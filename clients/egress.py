@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.audit import AuditLog
-from fedge.protocol import EGRESS
+from fedge.compression import CODECS, encoded_shapes
+from fedge.protocol import COMPRESSION, CONFIG, EGRESS
 
 log = logging.getLogger("fedge.device")
 
@@ -61,6 +62,10 @@ def _array_violations(name: str, record: ArrayRecord, request: Message) -> list[
     if sent is None:
         return [f"arrays {name!r} were not part of the request"]
     expected = {k: tuple(a.shape) for k, a in sent.items()}
+    codec = _upload_codec(request)
+    if codec is None:
+        return [f"arrays {name!r}: the request asks for an unknown compression"]
+    expected = encoded_shapes(expected, codec)
     got = {k: tuple(a.shape) for k, a in record.items()}
     if got != expected:
         extra = sorted(set(got) - set(expected))
@@ -69,6 +74,13 @@ def _array_violations(name: str, record: ArrayRecord, request: Message) -> list[
         detail = f"extra {extra}, wrong shape {wrong}, missing {missing}"
         return [f"arrays {name!r} do not mirror the model sent ({detail})"]
     return []
+
+
+def _upload_codec(request: Message) -> str | None:
+    """The codec the request asks the reply's arrays to be encoded with (None: unknown)."""
+    config = request.content.config_records.get(CONFIG) if request.has_content() else None
+    codec = config.get(COMPRESSION, "none") if config is not None else "none"
+    return codec if isinstance(codec, str) and codec in CODECS else None
 
 
 def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:

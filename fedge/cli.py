@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import fedge  # noqa: F401  (telemetry defaults before Flower or MLflow load)
+from fedge.deploy.command import deploy_cmd
 
 app = typer.Typer(
     add_completion=False,
@@ -40,7 +41,13 @@ def run_cmd(
     scenario: Annotated[
         Path | None, typer.Argument(help="Scenario TOML file (default: the embedded defaults).")
     ] = None,
-    engine: Annotated[str, typer.Option(help="inprocess or simulation (Flower's Ray engine).")] = "inprocess",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="inprocess, simulation (Flower's Ray engine) or deployment "
+            "(a local Flower deployment with TLS; see `fedge deploy` for its options)."
+        ),
+    ] = "inprocess",
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default: SQLite under the output dir).")
     ] = None,
@@ -75,7 +82,8 @@ def run_cmd(
             summary = _run_with_progress(request, cfg)
         else:
             if not quiet:
-                console.print(f"Running [bold]{cfg.scenario.name}[/] on Flower's simulation engine…")
+                where = "a local Flower deployment" if engine == "deployment" else "Flower's simulation engine"
+                console.print(f"Running [bold]{cfg.scenario.name}[/] on {where}…")
             summary = run(request)
     except (ConfigError, TrackingError) as exc:
         _fail(str(exc))
@@ -167,6 +175,9 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"run folder: {s['run_dir']}"
     )
     console.print(f"Open the MLflow UI:  [bold]{s['ui_command']}[/]", highlight=False)
+
+
+app.command("deploy")(deploy_cmd)
 
 
 @app.command("versions")
@@ -282,6 +293,131 @@ def report_cmd(
             _fail(str(exc), 1)
             return
         console.print(f"attached to MLflow run {summary['run_id']}")
+
+
+@app.command("feddrift")
+def feddrift_cmd(
+    datasets: Annotated[
+        str, typer.Option(help="Comma-separated: sine2, circle2, sea4, digits-swap.")
+    ] = "sine2,circle2,sea4,digits-swap",
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated: never, window, oracle, drift-triggered, drift-clustered.")
+    ] = "never,window,oracle,drift-triggered,drift-clustered",
+    seeds: Annotated[int, typer.Option(help="Seeds 0 .. N-1 per dataset.")] = 3,
+    matrix: Annotated[
+        list[str] | None,
+        typer.Option(help="dataset=NAME to use another concept matrix (A..F, W..Z, R0..R9)."),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Flower rounds per campaign.")] = 5,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
+    lr: Annotated[float, typer.Option(help="Local Adam learning rate.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 16,
+    cooldown: Annotated[int, typer.Option(help="drift-triggered: ticks between campaigns.")] = 3,
+    delta: Annotated[float, typer.Option(help="ADWIN delta on the devices.")] = 0.002,
+    results: Annotated[
+        Path, typer.Option(help="Where the table and plots go.")
+    ] = Path("experiments/results/feddrift"),
+    work_dir: Annotated[
+        Path, typer.Option(help="Where the runs (device stores, MLflow stores) go.")
+    ] = Path("fedge-runs/feddrift"),
+    page: Annotated[
+        Path | None, typer.Option(help="Where the Markdown page with table and plots goes.")
+    ] = Path("docs/feddrift.md"),
+) -> None:
+    """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
+    import time as _time
+
+    from fedge.feddrift import Benchmark, Settings, check_targets, run_benchmark, write_results
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    chosen: dict[str, str] = {}
+    for item in matrix or []:
+        if "=" not in item:
+            _fail(f"--matrix {item!r}: expected dataset=NAME, e.g. sea4=C")
+        name, value = item.split("=", 1)
+        chosen[name.strip()] = value.strip()
+    bench = Benchmark(
+        datasets=tuple(d.strip() for d in datasets.split(",") if d.strip()),
+        seeds=seeds,
+        policies=tuple(x.strip() for x in policies.split(",") if x.strip()),
+        matrices=chosen,
+        jobs=jobs,
+        settings=Settings(
+            rounds=rounds, local_epochs=local_epochs, lr=lr, batch_size=batch_size, cooldown=cooldown,
+            delta=delta,
+        ),
+    )
+    work = work_dir.expanduser().resolve() / _time.strftime("%Y%m%d-%H%M%S")
+    total = len(bench.datasets) * seeds
+    started = _time.perf_counter()
+    done = 0
+
+    def on_task(rows: list[dict[str, Any]]) -> None:
+        nonlocal done
+        done += 1
+        first = rows[0]
+        accs = "  ".join(f"{r['policy']} {100 * r['accuracy']:.1f}" for r in rows)
+        console.print(
+            f"[{done}/{total}] {first['dataset']}/{first['matrix']} seed {first['seed']}: {accs}"
+            f"  ({_time.perf_counter() - started:.0f} s)",
+            highlight=False,
+        )
+
+    try:
+        rows = run_benchmark(bench, work, on_task=on_task)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    seconds = _time.perf_counter() - started
+    out = write_results(rows, results.expanduser().resolve(), seconds, bench, work)
+    table = Table(title=f"FedDrift protocol, {seeds} seeds, {seconds:.0f} s", title_justify="left")
+    from fedge.feddrift import TABLE_COLUMNS, table_rows
+
+    for col in TABLE_COLUMNS:
+        table.add_column(col)
+    for row in table_rows(out["summary"]):
+        table.add_row(*row)
+    console.print(table)
+    for line in check_targets(out["summary"]):
+        console.print(line, highlight=False)
+    if page is not None:
+        import os as _os
+
+        from fedge.feddrift import render_page
+
+        target = page.expanduser().resolve()
+        link = _os.path.relpath(results.expanduser().resolve(), target.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render_page(out, bench, link))
+        console.print(f"Page: {page}", highlight=False)
+    console.print(f"Table and plots: {results}   runs and MLflow stores: {work}", highlight=False)
+
+
+@app.command("bench")
+def bench_cmd(
+    quick: Annotated[bool, typer.Option(help="Smaller sizes: a few minutes instead of about ten.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this benchmark (repeatable): engine, overhead, aggregation, device, "
+            "communication, mlflow."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Markdown table to write (default: docs/benchmarks.md).")
+    ] = None,
+) -> None:
+    """Measure fedge against Flower and the machine's limits; print ratios, write the table."""
+    try:
+        from experiments.benchmarks.suite import DEFAULT_OUTPUT, run_suite
+    except ImportError:
+        _fail("the benchmarks live in experiments/ of a fedge source checkout (pip install -e .)")
+        return
+    try:
+        run_suite(tuple(only or ()), quick=quick, output=output or DEFAULT_OUTPUT)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ The file layout mirrors the dataclasses below::
     [monitor.params]      keyword arguments of the river detector
     [trigger]             policy, quorum, cooldown, period
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
+    [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
     [model]               hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume
@@ -22,6 +23,7 @@ The file layout mirrors the dataclasses below::
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,9 +94,27 @@ class CampaignConfig:
     ``warm_start = false`` (default) retrains from fresh weights: a detected
     drift says the old concept no longer holds, and fine-tuning a confident
     model of it is slower and less reliable than learning anew.
+
+    ``screen_updates`` refuses malformed, non-finite and outsized updates
+    (norm above ``screen_norm_factor`` times the round's median) before any
+    strategy aggregates; ``fedmedian``, ``fedtrimmedavg`` (``trim_beta``),
+    ``krum`` and ``multikrum`` (``assumed_malicious`` devices) are Flower's
+    robust aggregators.
+
+    ``compression`` encodes the devices' train replies (``float16`` or ``int8``
+    with error feedback, see :mod:`fedge.compression`); ``none`` sends weights.
     """
 
-    strategy: str = field(default="fedavg", metadata=_choice("fedavg", "fedprox", "fedadam"))
+    strategy: str = field(
+        default="fedavg",
+        metadata=_choice(
+            "fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"
+        ),
+    )
+    screen_updates: bool = True
+    screen_norm_factor: float = field(default=5.0, metadata=_at_least(1.0))
+    assumed_malicious: int = field(default=0, metadata=_at_least(0))
+    trim_beta: float = field(default=0.2, metadata=_between(0.0, 0.49))
     rounds: int = field(default=4, metadata=_at_least(1))
     participants: str = field(default="all", metadata=_choice("all", "drifted"))
     local_epochs: int = field(default=4, metadata=_at_least(1))
@@ -106,6 +126,25 @@ class CampaignConfig:
     min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
     initial_rounds: int = field(default=8, metadata=_at_least(1))
     warm_start: bool = False
+    compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Several models in service, one per cluster of devices (see :mod:`fedge.multimodel`).
+
+    Off by default: one champion serves every device. On, devices whose detector
+    fires are split onto a new model, a device is moved to the model that fits
+    its latest samples, and models whose devices' data agree are merged
+    (:class:`strategies.drift_clustering.DriftClustering`); every cluster trains
+    in every campaign round on its own devices.
+    """
+
+    enabled: bool = False
+    switch_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
+    fit_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
+    merge_distance: float = field(default=0.05, metadata=_between(0.0, 1.0))
+    max_models: int = field(default=6, metadata=_between(1, 8))
 
 
 @dataclass(frozen=True)
@@ -145,6 +184,7 @@ class FedgeConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     campaign: CampaignConfig = field(default_factory=CampaignConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -194,6 +234,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     choices = meta.get("choices")

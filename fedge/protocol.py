@@ -13,7 +13,15 @@ train      ``arrays`` (global model), ``config``   ``arrays`` (local model), ``m
            (round, epochs, lr, batch size, mu)     (num-examples, train_loss)
 evaluate   ``arrays`` (candidate), ``config``      ``metrics`` (num-examples, eval_acc,
                                                    eval_loss, champion_acc)
+evaluate.  ``model-0`` .. ``model-7`` (the models  ``metrics`` (num-examples, ``correct-0`` ..
+scores     in service), ``config`` (tick)          ``correct-7``: how many of the device's
+                                                   latest samples each model gets right)
 ========== ======================================= ==========================================
+
+With several models in service (one per cluster of devices), ``query`` also
+carries ``model-family``: the cluster the sent model belongs to. A device
+restarts its drift detector only when the family changes, so a model that is
+retrained on the same cluster's data keeps one continuous error stream.
 
 Nothing per sample ever leaves a device: a report holds counts and rates, a
 train reply holds model weights and a loss, an evaluate reply holds accuracies.
@@ -42,12 +50,33 @@ LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
+#: Codec of the train reply's arrays (see :mod:`fedge.compression`); absent means "none".
+COMPRESSION = "compression"
 SEED = "seed"
+MODEL_FAMILY = "model-family"
+
+#: Action of the ``evaluate`` message that scores several models on a device's latest samples.
+SCORES = "scores"
+#: Most models one ``evaluate.scores`` message may carry.
+MAX_SCORED_MODELS = 8
+
+
+def scored_model(slot: int) -> str:
+    """Array record name of the model in ``slot`` of an ``evaluate.scores`` message."""
+    return f"model-{slot}"
+
+
+def scored_correct(slot: int) -> str:
+    """Metric name of the samples the model in ``slot`` got right."""
+    return f"correct-{slot}"
+
+
+SCORE_KEYS: tuple[str, ...] = tuple(scored_correct(i) for i in range(MAX_SCORED_MODELS))
 
 #: Metric names a device may send, per reply type.
 DEVICE_METRICS: dict[str, tuple[str, ...]] = {
     "train": (NUM_EXAMPLES, TRAIN_LOSS),
-    "evaluate": (NUM_EXAMPLES, EVAL_ACC, EVAL_LOSS, CHAMPION_ACC),
+    "evaluate": (NUM_EXAMPLES, EVAL_ACC, EVAL_LOSS, CHAMPION_ACC, *SCORE_KEYS),
 }
 
 

@@ -17,7 +17,7 @@ from fedge.config import FedgeConfig, load_config, resolve_path
 from fedge.orchestrator import CampaignRecord, TickRecord
 from fedge.server_app import TickCallback
 
-ENGINES = ("inprocess", "simulation")
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,25 @@ def run(
     cfg = request.config()
     folder = run_dir or new_run_dir(cfg)
     run_config = request.run_config(cfg, folder, request.engine)
+    if request.engine == "deployment":
+        from fedge.deploy.launcher import DeployRequest, deploy
+
+        return deploy(DeployRequest(scenario, tuple(request.overrides)), run_dir=folder)
+    feed_devices(cfg, folder)
     if request.engine == "simulation":
         from fedge.engines.simulation import run_flower_simulation
 
         run_flower_simulation(run_config, num_supernodes=cfg.scenario.clients, log_dir=folder)
         return json.loads((folder / "summary.json").read_text())
     return run_inprocess(cfg, run_config, folder, on_tick=on_tick)
+
+
+def feed_devices(cfg: FedgeConfig, folder: Path) -> None:
+    """Put every device's scenario rows into its ingest inbox, as a device application would."""
+    from clients.ingest import feed_scenario, inbox_path
+
+    for device in range(cfg.scenario.clients):
+        feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
 
 
 def run_inprocess(

@@ -17,11 +17,20 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedge import model as nets
 from fedge import protocol as p
 from fedge.config import FedgeConfig
+from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_history
 from fedge.orchestrator import (
     CampaignOutcome,
     CampaignRecord,
@@ -35,6 +44,10 @@ from fedge.scenarios import Scenario, build_scenario
 from fedge.tracking import Tracker, default_tracking_uri, ui_command
 from fedge.triggers import make_policy
 from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
+from strategies.compressed import CompressedUploads
+from strategies.drift_clustering import DriftClustering
+from strategies.fedavg import FedAvg
+from strategies.screening import UpdateScreening
 
 log = logging.getLogger("fedge.server")
 
@@ -98,12 +111,29 @@ def make_strategy(cfg: FedgeConfig, n_devices: int) -> Strategy:
         "min_evaluate_nodes": n_devices,
         "min_available_nodes": n_devices,
     }
-    name = cfg.campaign.strategy
-    if name == "fedprox":
-        return FedProx(proximal_mu=cfg.campaign.proximal_mu, **common)
-    if name == "fedadam":
-        return FedAdam(eta=cfg.campaign.server_lr, eta_l=cfg.campaign.lr, **common)
-    return FedAvg(**common)
+    c = cfg.campaign
+    strategy: Strategy
+    if c.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=c.proximal_mu, **common)
+    elif c.strategy == "fedadam":
+        strategy = FedAdam(eta=c.server_lr, eta_l=c.lr, **common)
+    elif c.strategy == "fedmedian":
+        strategy = FedMedian(**common)
+    elif c.strategy == "fedtrimmedavg":
+        strategy = FedTrimmedAvg(beta=c.trim_beta, **common)
+    elif c.strategy in ("krum", "multikrum"):
+        # Krum needs n > 2f + 2 updates; assume no more attackers than that allows.
+        malicious = min(c.assumed_malicious, max(0, (n_devices - 3) // 2))
+        kind = Krum if c.strategy == "krum" else MultiKrum
+        strategy = kind(num_malicious_nodes=malicious, **common)
+    else:
+        strategy = FedAvg(**common)
+    if c.screen_updates:
+        strategy = UpdateScreening(strategy, norm_factor=c.screen_norm_factor)
+    if c.compression != "none":
+        # Decode first: screening and aggregation see the weights the devices meant.
+        strategy = CompressedUploads(strategy, c.compression)
+    return strategy
 
 
 def _metric(records: Mapping[int, Any], rnd: int, key: str) -> float:
@@ -270,8 +300,13 @@ def run_server(
     *,
     on_tick: TickCallback | None = None,
     engine: str = "",
+    cluster_policy: ClusterPolicy | None = None,
 ) -> dict[str, Any]:
-    """Run the whole loop on ``grid`` and return the run summary (also written to ``folder``)."""
+    """Run the whole loop on ``grid`` and return the run summary (also written to ``folder``).
+
+    With ``clustering.enabled`` in ``cfg``, or a ``cluster_policy`` given, several
+    models serve the devices (:class:`fedge.multimodel.MultiModelOrchestrator`).
+    """
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_scenario(cfg.scenario)
@@ -282,7 +317,23 @@ def run_server(
         tags={"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine},
     )
     status = "FAILED"
+    if cluster_policy is None and cfg.clustering.enabled:
+        cluster_policy = DriftClustering(
+            switch_margin=cfg.clustering.switch_margin,
+            fit_margin=cfg.clustering.fit_margin,
+            merge_distance=cfg.clustering.merge_distance,
+            max_models=cfg.clustering.max_models,
+        )
     try:
+        if cluster_policy is not None:
+            summary = _run_clusters(
+                grid, cfg, folder, scenario, tracker, uri, engine, cluster_policy, on_tick
+            )
+            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_dict(summary, "summary.json")
+            status = "FINISHED"
+            return summary
         orch = Orchestrator(
             FlowerFederation(grid, cfg, scenario.n_clients),
             MlflowRegistry(tracker, scenario, cfg),
@@ -310,6 +361,8 @@ def run_server(
         )
         record = orch.run(range(scenario.n_steps))
         summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
+        summary["rounds_used"] = orch.rounds_done
+        summary["model_rounds"] = orch.rounds_done
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_dict(summary, "summary.json")
@@ -320,6 +373,47 @@ def run_server(
         return summary
     finally:
         tracker.end(status)
+
+
+def _run_clusters(
+    grid: Grid,
+    cfg: FedgeConfig,
+    folder: Path,
+    scenario: Scenario,
+    tracker: Tracker,
+    uri: str,
+    engine: str,
+    policy: ClusterPolicy,
+    on_tick: TickCallback | None,
+) -> dict[str, Any]:
+    """The multi-model loop: one model per cluster of devices."""
+    from fedge.cluster_server import ClusterFederation, ClusterRegistry
+
+    orch = MultiModelOrchestrator(
+        ClusterFederation(grid, cfg, scenario.n_clients),
+        ClusterRegistry(tracker, scenario, cfg),
+        tracker,
+        policy,
+        nets.initial_weights(
+            nets.build_model(
+                scenario.n_features, scenario.n_classes, cfg.model.hidden, cfg.model.layers
+            ),
+            cfg.scenario.seed,
+        ),
+        rounds=cfg.campaign.rounds,
+        initial_rounds=cfg.campaign.initial_rounds,
+        strategy="clustered-fedavg",
+        on_tick=on_tick or _log_tick,
+    )
+    record = orch.run(range(scenario.n_steps))
+    summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
+    summary["clusters"] = summarize_history(orch.history)
+    summary["rounds_used"] = orch.rounds_done
+    summary["model_rounds"] = orch.model_rounds
+    plot = plot_run(record, scenario.schedule.drift_steps(), folder / "accuracy.png")
+    if plot is not None:
+        tracker.log_artifact(plot)
+    return summary
 
 
 def build_summary(

@@ -16,7 +16,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -240,12 +242,14 @@ class Tracker:
         self._ended = False
         self._event_counts: dict[str, int] = {}
         self._event_files: set[str] = set()
+        self._pending: list[Any] = []
 
         if not experiment:
             raise ValueError("experiment must be a non-empty name")
         if not model_name:
             raise ValueError("model_name must be a non-empty name")
         _check_uri(tracking_uri)
+        _seed_sqlite_store(tracking_uri)
         self._client = _connect(tracking_uri)
         self.experiment_id = self._ensure_experiment()
 
@@ -316,6 +320,10 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalar metrics at one step in as few requests as MLflow allows.
 
+        The metrics are written by MLflow's background logging thread, so a
+        round never waits for the store; :meth:`flush` and :meth:`end` wait
+        for every pending write.
+
         Parameters
         ----------
         metrics : Mapping[str, float]
@@ -335,7 +343,22 @@ class Tracker:
         entries = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
         with self._translate("logging metrics"):
             for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-                self._client.log_batch(run_id, metrics=chunk)
+                self._pending.append(
+                    self._client.log_batch(run_id, metrics=chunk, synchronous=False)
+                )
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is in the store.
+
+        Raises
+        ------
+        TrackingError
+            If the store refused a pending write.
+        """
+        pending, self._pending = self._pending, []
+        with self._translate("logging metrics"):
+            for operation in pending:
+                operation.wait()
 
     def log_event(self, kind: str, tick: int, payload: Mapping[str, object]) -> None:
         """Record an event, such as a drift trigger, with the evidence behind it.
@@ -459,6 +482,7 @@ class Tracker:
             raise ValueError(f"status {status!r}: must be one of {sorted(_END_STATUSES)}")
         if self.run_id is None or self._ended:
             return
+        self.flush()
         with self._translate("ending the run"):
             self._client.set_terminated(self.run_id, status)
         self._ended = True
@@ -761,6 +785,51 @@ def _probe_http(uri: str) -> None:
         raise TrackingError(
             f"MLflow tracking server {_display(uri)} is unreachable: {_first_line(exc)}"
         ) from None
+
+
+def _template_store() -> Path:
+    """Where a pristine store of this MLflow version is cached (see :func:`_seed_sqlite_store`)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "fedge" / f"mlflow-{mlflow.__version__}-empty.db"
+
+
+def _seed_sqlite_store(uri: str) -> None:
+    """Start a new SQLite store from a cached empty one instead of migrating a blank file.
+
+    MLflow builds a new SQLite store by replaying its schema migrations, which takes
+    seconds; a copy of an empty store made once by the same MLflow version takes
+    milliseconds. The copy's default experiment gets the artifact folder beside the
+    new file. Any failure leaves the file absent, and MLflow then creates it as usual.
+    """
+    path = _sqlite_path(uri)
+    if path is None or path.exists() or not path.parent.is_dir():
+        return
+    template = _template_store()
+    staging = path.with_name(f".{path.name}.{os.getpid()}.seed")
+    try:
+        if not template.is_file():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            fresh = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+            fresh.unlink(missing_ok=True)
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{fresh.as_posix()}").search_experiments(
+                max_results=1
+            )
+            os.replace(fresh, template)
+        shutil.copyfile(template, staging)
+        conn = sqlite3.connect(staging)
+        try:
+            with conn:
+                conn.execute(
+                    "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (_default_artifact_location(uri),),
+                )
+        finally:
+            conn.close()
+        os.link(staging, path)  # fails, harmlessly, if another process created the store first
+    except (OSError, sqlite3.Error, MlflowException):
+        pass
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def _connect(uri: str) -> mlflow.MlflowClient:

@@ -29,6 +29,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
         ("trigger.quorum=9", "trigger.quorum: 9 devices can never agree"),
         ("monitor.params.nonsense=3", "unknown parameter 'nonsense'"),
         ("model.layers=true", "model.layers: expected an integer, got True"),
+        ("campaign.lr=nan", "campaign.lr: expected a finite number, got nan"),
         ("wrong.key=1", "wrong: unknown section; allowed: scenario, monitor"),
     ],
 )

@@ -164,7 +164,8 @@ def test_recoveries_read_accuracy_around_each_drift() -> None:
 
 def test_core_imports_neither_flower_nor_mlflow() -> None:
     code = (
-        "import sys; import fedge.orchestrator, fedge.triggers, fedge.protocol, fedge.config;"
+        "import sys; import fedge.orchestrator, fedge.multimodel, fedge.triggers, fedge.protocol,"
+        " fedge.config;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'mlflow')];"
         "print(','.join(bad))"
     )

@@ -318,6 +318,21 @@ def _read_sea_csv(path: Path) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     return x, np.asarray(ys, dtype=np.int64)
 
 
+_SEA_CACHE: dict[tuple[str, int, int], tuple[NDArray[np.float32], NDArray[np.int64]]] = {}
+
+
+def _read_sea_csv_cached(path: Path) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """:func:`_read_sea_csv` once per process and file version (every device builds a generator)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _SEA_CACHE:
+        x, y = _read_sea_csv(path)
+        x.flags.writeable = False
+        y.flags.writeable = False
+        _SEA_CACHE[key] = (x, y)
+    return _SEA_CACHE[key]
+
+
 class SeaCsvGenerator:
     """SEA rows resampled from FedDrift-format files ``concept1.csv``, ``concept2.csv``, ...
 
@@ -348,7 +363,7 @@ class SeaCsvGenerator:
                 f"generator 'sea4': source {str(source)!r} has no concept1.csv "
                 "(expected concept1.csv, concept2.csv, ...)"
             )
-        self._data = [_read_sea_csv(p) for p in files]
+        self._data = [_read_sea_csv_cached(p) for p in files]
         self.n_concepts = len(files)
 
     def sample(

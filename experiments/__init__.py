@@ -1,0 +1,1 @@
+"""Ready drift scenarios and the benchmark suite."""

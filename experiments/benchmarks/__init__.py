@@ -1,0 +1,1 @@
+"""fedge benchmarks: ``fedge bench`` or ``python -m experiments.benchmarks``."""

@@ -1,0 +1,5 @@
+"""``python -m experiments.benchmarks``."""
+
+from experiments.benchmarks.suite import main
+
+main()

@@ -1,0 +1,166 @@
+"""Run the benchmarks, print every figure with its ratio, write the Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from experiments.benchmarks.common import Figure, machine
+from fedge.config import PROJECT_ROOT
+
+DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"
+BENCHMARKS = ("engine", "overhead", "aggregation", "device", "communication", "mlflow")
+
+
+def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
+    from experiments.benchmarks import (
+        aggregation,
+        communication,
+        engine,
+        footprint,
+        overhead,
+        tracking_cost,
+    )
+
+    if quick:
+        return {
+            "engine": lambda: engine.run(sizes=(10, 100), rounds=2),
+            "overhead": lambda: overhead.run(devices=10, rounds=10, repeat=1),
+            "aggregation": lambda: aggregation.run(repeat=5),
+            "device": footprint.run,
+            "communication": lambda: communication.run(codecs=("none", "int8")),
+            "mlflow": lambda: tracking_cost.run(versions=2, ticks=20),
+        }
+    return {
+        "engine": lambda: engine.run(sizes=(10, 100, 1000), rounds=2),
+        "overhead": lambda: overhead.run(devices=20, rounds=20, repeat=2),
+        "aggregation": lambda: aggregation.run(repeat=10),
+        "device": footprint.run,
+        "communication": communication.run,
+        "mlflow": tracking_cost.run,
+    }
+
+
+def _verdict(met: bool | None) -> str:
+    return "" if met is None else ("met" if met else "MISSED")
+
+
+def markdown(figures: Sequence[Figure], host: dict[str, str], seconds: float, mode: str) -> str:
+    """The results page: machine, then one table row per figure."""
+    lines = [
+        "# fedge benchmarks",
+        "",
+        (
+            "Measured by `fedge bench` (`python -m experiments.benchmarks`); every ratio "
+            "compares two things measured side by side in the same run. Regenerate with "
+            "`fedge bench` (about 10 minutes on 2 cores) or `fedge bench --quick`."
+        ),
+        "",
+        (
+            f"Machine: {host['cpu']}, {host['cores']} cores, {host['ram']} RAM, {host['os']}; "
+            f"Python {host['python']}, flwr {host['flwr']}, torch {host['torch']}, "
+            f"numpy {host['numpy']}, ray {host['ray']}, mlflow {host['mlflow']}, "
+            f"river {host['river']}."
+        ),
+        f"Mode: {mode}; the suite took {seconds:.0f} s; load average {host['load']} at the start.",
+        "",
+        "| # | figure | measured | ratio | target | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in figures:
+        cells = (f.item, f.name, f.value, f.ratio, f.target, _verdict(f.met))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n" + METHOD
+
+
+METHOD = """
+## How each figure is measured
+
+1. **Engine**: one monitoring tick, then one campaign of FedAvg rounds over all
+   devices, same scenario and seed on both engines. Seconds per round are
+   Flower's own strategy clock (rounds only, no start-up). "identical" means
+   every tick accuracy and the campaign's candidate accuracy agree exactly.
+2. **Overhead**: `run_server` (monitoring tick, campaign, evaluation of
+   candidate and champion, MLflow registry and tracking, summary and plot)
+   against Flower's `FedAvg.start` over a hand-rolled ClientApp
+   (`experiments/benchmarks/bare_app.py`) with the same model, data, rounds
+   and clients, both on the in-process grid; best of the repeats. The
+   diagnostic row turns off the device audit log's per-message `fsync`.
+3. **Aggregation**: `strategies.aggregation.aggregate_arrayrecords` against
+   `flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` on the same
+   records; the bound is the bytes that must move (every update read once, the
+   result written once) at the bandwidth of a large NumPy copy.
+4. **Device**: peak resident memory (`VmHWM`) of a fresh process serving one
+   node's tick and training round; detector cost over 20,000 errors fed in
+   ticks of 100; store write and read of 1,000 rows of 10 features.
+5. **Communication**: every message of the `sine2_sudden` scenario serialised
+   with Flower's protobuf encoding; accuracy is the mean prequential accuracy
+   over the ticks with a deployed model.
+6. **MLflow**: a SQLite store in a temporary folder; "queued" is the time
+   `Tracker.log_metrics` takes on the caller's path, "blocking" a synchronous
+   `log_batch` of the same metrics; every queued metric is read back after
+   `Tracker.end`.
+"""
+
+
+def run_suite(
+    only: Sequence[str] = (), *, quick: bool = False, output: Path | None = DEFAULT_OUTPUT
+) -> list[Figure]:
+    """Run the chosen benchmarks (all by default), print them, write ``output``."""
+    console = Console()
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; allowed: {', '.join(BENCHMARKS)}")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    host = machine()
+    console.print(
+        f"[bold]Machine[/]: {host['cpu']}, {host['cores']} cores, {host['ram']} RAM, {host['os']}\n"
+        f"Python {host['python']}, flwr {host['flwr']}, torch {host['torch']}, "
+        f"numpy {host['numpy']}, ray {host['ray']}, mlflow {host['mlflow']}",
+        highlight=False,
+    )
+    started = time.perf_counter()
+    figures: list[Figure] = []
+    for name, bench in _plan(quick).items():
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        console.print(f"running [bold]{name}[/] …")
+        found = bench()
+        for f in found:
+            console.print(f"  {f.name}: {f.value}  [bold]{f.ratio}[/]  {_verdict(f.met)}", highlight=False)
+        console.print(f"  ({time.perf_counter() - t0:.0f} s)")
+        figures.extend(found)
+    seconds = time.perf_counter() - started
+    table = Table(title="fedge benchmarks", title_justify="left")
+    for col in ("#", "figure", "measured", "ratio", "target", "verdict"):
+        table.add_column(col)
+    for f in figures:
+        table.add_row(f.item, f.name, f.value, f.ratio, f.target, _verdict(f.met))
+    console.print(table)
+    if output is not None:
+        mode = "quick" if quick else "default"
+        if only:
+            mode += f" ({', '.join(only)})"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(markdown(figures, host, seconds, mode))
+        console.print(f"Wrote {output}")
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m experiments.benchmarks [--quick] [--only NAME ...] [--output FILE]``."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, about 3 minutes")
+    parser.add_argument("--only", nargs="*", default=[], choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown table file")
+    args = parser.parse_args(argv)
+    run_suite(args.only, quick=args.quick, output=args.output)

@@ -1,0 +1,580 @@
+"""A Flower deployment on this machine: SuperLink, SuperNodes, MLflow server and the run.
+
+:class:`LocalDeployment` owns the processes and knows how to talk to them with
+Flower's own tools (``flower-superlink``, ``flower-supernode``, ``flwr``).
+:func:`deploy` is what ``fedge deploy`` runs: it starts everything for one
+scenario, waits for the run, and hands back the ServerApp's ``summary.json``.
+
+Layout of a deployment (the user owns every file)::
+
+    <output dir>/deployment/tls/        ca.crt, ca.key (0600), server.crt, server.key (0600)
+    <output dir>/deployment/keys/       device-<i> (0600) and device-<i>.pub, one pair per SuperNode
+    <run dir>/deployment/               state of this run: FLWR_HOMEs, SuperLink database,
+                                        one log per process, the connection file
+    <run dir>/devices/                  each SuperNode's on-device store and ingest inbox
+    <run dir>/summary.json              written by the ServerApp
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from fedge.deploy import DeployError
+from fedge.deploy.certs import DEFAULT_HOSTS, TlsFiles, ensure_tls
+from fedge.deploy.keys import NodeKey, create_node_key
+from fedge.deploy.processes import ManagedProcess, ProcessGroup, free_port
+
+CONNECTION = "fedge"
+"""Name of the SuperLink connection in the deployment's ``config.toml``."""
+
+PLAIN_CONNECTION = "fedge-plaintext"
+"""A second connection to the same address without TLS (refused by a TLS SuperLink)."""
+
+FINISHED_OK = "finished:completed"
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=True)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    raise DeployError(f"run config: unsupported value {value!r}")
+
+
+@dataclass
+class SuperNodeHandle:
+    """A started SuperNode."""
+
+    partition_id: int
+    process: ManagedProcess
+    key: NodeKey | None
+    runtime_port: int
+
+    def activated(self) -> bool:
+        """Whether the SuperNode's log says the SuperLink gave it a node id."""
+        try:
+            return "SuperNode ID:" in self.process.log.read_text(errors="replace")
+        except OSError:
+            return False
+
+
+class LocalDeployment:
+    """Flower's deployment runtime on loopback, with TLS and SuperNode authentication.
+
+    Parameters
+    ----------
+    folder : Path
+        State of this deployment: FLWR_HOMEs, SuperLink database, logs.
+    credentials : Path, optional
+        Where the TLS files and node keys live (``tls/`` and ``keys/``); kept
+        between runs so devices keep trusting the same CA. Default: ``folder``.
+    insecure : bool, default False
+        Plain text everywhere and no SuperNode authentication. Only for
+        experiments on a trusted machine.
+    node_auth : bool, default True
+        Start the SuperLink with ``--enable-supernode-auth`` (needs TLS).
+    app_dir : Path, optional
+        The Flower app (a folder with ``pyproject.toml``); default: this project.
+    bin_dir : Path, optional
+        Where ``flower-superlink``, ``flower-supernode``, ``flwr`` and ``mlflow`` are;
+        default: beside the running Python.
+    hosts : sequence of str, default ``("127.0.0.1", "localhost", "::1")``
+        Names in the server certificate.
+
+    Examples
+    --------
+    >>> with LocalDeployment(Path("/tmp/dep")) as dep:  # doctest: +SKIP
+    ...     dep.start_superlink()
+    ...     key = dep.node_key(0)
+    ...     dep.register(key)
+    ...     dep.start_supernode(0, 1, key)
+    ...     dep.wait_online(1)
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        credentials: Path | None = None,
+        insecure: bool = False,
+        node_auth: bool = True,
+        app_dir: Path | None = None,
+        bin_dir: Path | None = None,
+        hosts: Sequence[str] = DEFAULT_HOSTS,
+    ) -> None:
+        from fedge.config import PROJECT_ROOT
+
+        self.folder = Path(folder).expanduser().resolve()
+        self.credentials = Path(credentials or folder).expanduser().resolve()
+        self.insecure = insecure
+        self.node_auth = node_auth and not insecure
+        self.app_dir = Path(app_dir or PROJECT_ROOT).expanduser().resolve()
+        self.bin_dir = Path(bin_dir or Path(sys.executable).parent)
+        self.hosts = tuple(hosts)
+        if not (self.app_dir / "pyproject.toml").is_file():
+            raise DeployError(f"no Flower app at {self.app_dir} (pyproject.toml is missing)")
+        for exe in ("flower-superlink", "flower-supernode", "flwr"):
+            if not os.access(self.bin_dir / exe, os.X_OK):
+                raise DeployError(f"{exe} not found in {self.bin_dir}; install flwr into this environment")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tls: TlsFiles | None = None
+        if not insecure:
+            self.tls = ensure_tls(self.credentials / "tls", self.hosts)
+        self.port = 0
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: list[SuperNodeHandle] = []
+        self.mlflow_url = ""
+        self.mlflow: ManagedProcess | None = None
+        self.cli_home = self.folder / "cli"
+        self.cli_home.mkdir(exist_ok=True)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("FLWR_") and k not in ("VIRTUAL_ENV_PROMPT",)
+        }
+        env.update(
+            {
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "DO_NOT_TRACK": "1",
+                "PYTHONUNBUFFERED": "1",
+                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                "FLWR_HOME": str(self.cli_home),
+            }
+        )
+        self.group = ProcessGroup(env, self.folder / "logs")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End every process of the deployment, including Flower's helpers."""
+        left = self.group.stop()
+        if left:
+            raise DeployError(f"processes left after stopping the deployment: {left}")
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address as ``host:port``."""
+        return f"127.0.0.1:{self.port}"
+
+    # -- SuperLink ---------------------------------------------------------------------------
+    def start_superlink(self, timeout: float = 60.0) -> str:
+        """Start the SuperLink (TLS and node authentication unless insecure); returns its address."""
+        self.port = free_port()
+        home = self.folder / "superlink"
+        home.mkdir(exist_ok=True)
+        argv = [
+            str(self.bin_dir / "flower-superlink"),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--database", str(home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.tls is None:
+            argv.append("--insecure")
+        else:
+            argv += [
+                "--ssl-ca-certfile", str(self.tls.ca_cert),
+                "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+            ]
+            if self.node_auth:
+                argv.append("--enable-supernode-auth")
+        self.superlink = self.group.start(
+            "superlink", argv, cwd=home, extra_env={"FLWR_HOME": str(home)}
+        )
+        self._write_connections()
+        scheme = "http" if self.tls is None else "https"
+        context = None if self.tls is None else ssl.create_default_context(cafile=str(self.tls.ca_cert))
+        self._wait_http(f"{scheme}://{self.address}/health", self.superlink, timeout, context)
+        return self.address
+
+    def _write_connections(self) -> None:
+        lines = ["[superlink]", f"default = {_toml_string(CONNECTION)}", ""]
+        lines += [f"[superlink.{CONNECTION}]", f"address = {_toml_string(self.address)}"]
+        if self.tls is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f"root-certificates = {_toml_string(str(self.tls.ca_cert))}")
+        lines += ["", f"[superlink.{PLAIN_CONNECTION}]", f"address = {_toml_string(self.address)}"]
+        lines.append("insecure = true")
+        (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _wait_http(
+        self,
+        url: str,
+        proc: ManagedProcess,
+        timeout: float,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.running():
+                raise DeployError(proc.describe_exit())
+            try:
+                with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
+                    if 200 <= resp.status < 300:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise DeployError(f"{proc.name} did not answer at {url} within {timeout:.0f} s; log: {proc.log}")
+
+    # -- flwr CLI ----------------------------------------------------------------------------
+    def flwr(self, *args: str, connection: str = CONNECTION, timeout: float = 60.0) -> Any:
+        """Run ``flwr <args> <connection> --format json`` and return the parsed reply.
+
+        Raises
+        ------
+        DeployError
+            If the reply does not say ``"success": true``.
+        """
+        argv = [str(self.bin_dir / "flwr"), *args, connection, "--format", "json"]
+        done = self.group.run("flwr", argv, timeout=timeout, cwd=self.app_dir)
+        try:
+            reply = json.loads(done.stdout)
+        except ValueError:
+            reply = {"success": False, "error-message": (done.stdout + done.stderr).strip()}
+        if not isinstance(reply, dict) or not reply.get("success"):
+            message = str(reply.get("error-message", reply)) if isinstance(reply, dict) else str(reply)
+            last = [ln for ln in message.splitlines() if ln.strip()]
+            raise DeployError(f"flwr {args[0]}: {last[-1] if last else 'failed'}")
+        return reply
+
+    # -- SuperNodes --------------------------------------------------------------------------
+    def node_key(self, partition_id: int) -> NodeKey:
+        """The key pair of SuperNode ``partition_id`` (created on first use)."""
+        return create_node_key(
+            self.credentials / "keys", f"device-{partition_id}", comment=f"fedge-device-{partition_id}"
+        )
+
+    def register(self, key: NodeKey) -> int:
+        """Register a SuperNode's public key with the SuperLink; returns the node id."""
+        reply = self.flwr("supernode", "register", str(key.public))
+        return int(reply["node-id"])
+
+    def start_supernode(
+        self,
+        partition_id: int,
+        num_partitions: int,
+        key: NodeKey | None,
+        *,
+        insecure: bool | None = None,
+        max_wait_time: float | None = None,
+        name: str | None = None,
+    ) -> SuperNodeHandle:
+        """Start one SuperNode with its node config and its own Runtime API port.
+
+        Parameters
+        ----------
+        partition_id, num_partitions : int
+            Passed as ``--node-config "partition-id=<i> num-partitions=<n>"``;
+            the ClientApp finds its store by the partition id.
+        key : NodeKey or None
+            Authentication key; ``None`` starts the node without one.
+        insecure : bool, optional
+            Plain text to the SuperLink; default: as the deployment.
+        max_wait_time : float, optional
+            Give up connecting after this many seconds (default: retry forever).
+        name : str, optional
+            Name of the log file; default ``supernode-<partition id>``.
+        """
+        plain = self.tls is None if insecure is None else insecure
+        label = name or f"supernode-{partition_id}"
+        home = self.folder / label
+        home.mkdir(exist_ok=True)
+        runtime_port = free_port()
+        argv = [
+            str(self.bin_dir / "flower-supernode"),
+            "--superlink", self.address,
+            "--node-config", f"partition-id={int(partition_id)} num-partitions={int(num_partitions)}",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1",
+            "--port", str(runtime_port),
+        ]
+        if plain:
+            argv.append("--insecure")
+        elif self.tls is not None:
+            argv += ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            argv += ["--auth-supernode-private-key", str(key.private)]
+        if max_wait_time is not None:
+            argv += ["--max-wait-time", str(max_wait_time), "--max-retries", "3"]
+        proc = self.group.start(label, argv, cwd=home, extra_env={"FLWR_HOME": str(home)})
+        handle = SuperNodeHandle(partition_id, proc, key, runtime_port)
+        self.supernodes.append(handle)
+        return handle
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink sees online right now."""
+        reply = self.flwr("supernode", "list")
+        return sum(1 for node in reply.get("nodes", []) if node.get("status") == "online")
+
+    def wait_online(
+        self,
+        count: int,
+        timeout: float = 60.0,
+        watch: Sequence[SuperNodeHandle] | None = None,
+    ) -> None:
+        """Wait until ``count`` SuperNodes are online.
+
+        A watched SuperNode (default: every one started) that exits meanwhile is
+        an error naming it.
+        """
+        deadline = time.monotonic() + timeout
+        watched = self.supernodes if watch is None else list(watch)
+        while True:
+            for node in watched:
+                if not node.process.running():
+                    raise DeployError(node.process.describe_exit())
+            # A SuperNode logs its id once the SuperLink accepted it; reading the
+            # logs is cheap, so the SuperLink is asked only when they say so.
+            if sum(node.activated() for node in watched) >= count and self.online_nodes() >= count:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"only {self.online_nodes()} of {count} SuperNodes online after {timeout:.0f} s; "
+                    f"logs in {self.group.log_dir}"
+                )
+            time.sleep(0.3)
+
+    # -- MLflow ------------------------------------------------------------------------------
+    def start_mlflow(
+        self, backend_uri: str, artifacts: Path, *, wait: bool = True, timeout: float = 90.0
+    ) -> str:
+        """Start an MLflow tracking server on loopback; returns its URL.
+
+        With ``wait=False`` it returns at once; :meth:`wait_mlflow` waits for it
+        later, so the server can start while the Flower processes do.
+        """
+        exe = self.bin_dir / "mlflow"
+        if not os.access(exe, os.X_OK):
+            raise DeployError(f"mlflow not found in {self.bin_dir}; install mlflow into this environment")
+        port = free_port()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        self.mlflow = self.group.start(
+            "mlflow",
+            [
+                str(exe), "server",
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--backend-store-uri", backend_uri,
+                "--artifacts-destination", str(artifacts),
+                "--workers", "1",
+            ],
+            cwd=self.folder,
+        )
+        self.mlflow_url = f"http://127.0.0.1:{port}"
+        if wait:
+            self.wait_mlflow(timeout)
+        return self.mlflow_url
+
+    def wait_mlflow(self, timeout: float = 90.0) -> None:
+        """Wait until the MLflow server started by :meth:`start_mlflow` answers."""
+        if self.mlflow is None:
+            raise DeployError("no MLflow server was started")
+        self._wait_http(f"{self.mlflow_url}/health", self.mlflow, timeout)
+
+    # -- the run -----------------------------------------------------------------------------
+    def submit(self, run_config: Mapping[str, object]) -> int:
+        """Start the app with ``flwr run <app> <connection>``; returns the run id."""
+        path = self.folder / "run-config.toml"
+        path.write_text(
+            "".join(f"{_toml_string(str(k))} = {_toml_value(v)}\n" for k, v in run_config.items()),
+            encoding="utf-8",
+        )
+        reply = self.flwr("run", str(self.app_dir), "--run-config", str(path), timeout=120.0)
+        run_id = int(reply["run-id"])
+        (self.folder / "run-id").write_text(f"{run_id}\n", encoding="utf-8")
+        return run_id
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        """The run's status and its details, e.g. ``("finished:completed", "N/A")``."""
+        reply = self.flwr("list", "--run-id", str(run_id))
+        run = reply["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+
+    def wait(
+        self,
+        run_id: int,
+        timeout: float,
+        on_wait: Callable[[str], None] | None = None,
+        *,
+        done_file: Path | None = None,
+        poll: float = 10.0,
+    ) -> str:
+        """Wait for the run to finish and save its log; returns the final status.
+
+        A SuperLink or SuperNode that exits while the run is going stops the wait
+        with an error naming it. Each status query starts a ``flwr`` process, so
+        the SuperLink is asked every ``poll`` seconds, and every second once
+        ``done_file`` (what the app writes last) exists.
+        """
+        deadline = time.monotonic() + timeout
+        status = "pending"
+        asked = time.monotonic()
+        while not status.startswith("finished"):
+            if time.monotonic() > deadline:
+                self.group.run("flwr", [str(self.bin_dir / "flwr"), "stop", str(run_id), CONNECTION])
+                self.save_log(run_id)
+                raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s; stopped it")
+            for proc in [self.superlink, *(n.process for n in self.supernodes)]:
+                if proc is not None and not proc.running():
+                    self.save_log(run_id)
+                    raise DeployError(proc.describe_exit())
+            time.sleep(1.0)
+            finishing = done_file is not None and done_file.exists()
+            if not finishing and time.monotonic() - asked < poll:
+                continue
+            asked = time.monotonic()
+            status, _ = self.status(run_id)
+            if on_wait is not None:
+                on_wait(status)
+        self.save_log(run_id)
+        return status
+
+    def save_log(self, run_id: int) -> Path:
+        """Write the run's log as Flower keeps it to ``logs/run-<id>.log``."""
+        path = self.group.log_dir / f"run-{run_id}.log"
+        done = self.group.run(
+            "flwr", [str(self.bin_dir / "flwr"), "log", str(run_id), CONNECTION, "--show"], timeout=60
+        )
+        path.write_text(done.stdout + done.stderr, encoding="utf-8")
+        return path
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What ``fedge deploy`` was asked to do.
+
+    Parameters
+    ----------
+    scenario : Path or None
+        Scenario TOML (``None``: the embedded defaults).
+    overrides : tuple of str
+        ``section.key=value`` overrides, as for ``fedge run``.
+    insecure : bool, default False
+        Plain text and no SuperNode authentication.
+    credentials : Path or None
+        Folder of ``tls/`` and ``keys/``; default ``<output dir>/deployment``.
+    timeout : float, default 3600
+        Seconds the run may take.
+    feed_inbox : bool, default True
+        Write each device's scenario rows into its ingest inbox before the run,
+        as a device application would.
+    cert_hosts : tuple of str
+        Extra DNS names or addresses for the SuperLink's certificate (beside
+        ``127.0.0.1``, ``localhost`` and ``::1``).
+    """
+
+    scenario: Path | None
+    overrides: tuple[str, ...] = ()
+    insecure: bool = False
+    credentials: Path | None = None
+    timeout: float = 3600.0
+    feed_inbox: bool = True
+    cert_hosts: tuple[str, ...] = ()
+
+
+def deploy(
+    request: DeployRequest,
+    *,
+    run_dir: Path | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Start a whole local deployment for one scenario, run it, and return the summary.
+
+    Raises
+    ------
+    fedge.config.ConfigError
+        The scenario or an override is invalid (nothing was started).
+    DeployError
+        A process did not start, a node was refused, or the run failed; no
+        process is left behind.
+    """
+    from fedge.config import load_config, resolve_path
+    from fedge.runner import new_run_dir
+
+    scenario = resolve_path(request.scenario) if request.scenario else None
+    overrides = list(request.overrides)
+    cfg = load_config(scenario, overrides)
+    n = cfg.scenario.clients
+    folder = Path(run_dir or new_run_dir(cfg)).expanduser().resolve()
+    credentials = request.credentials or cfg.output_dir / "deployment"
+    say = on_status or (lambda _msg: None)
+    if request.feed_inbox:
+        from clients.ingest import feed_scenario, inbox_path
+
+        for device in range(n):
+            feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
+    hosts = tuple(dict.fromkeys((*DEFAULT_HOSTS, *request.cert_hosts)))
+    with LocalDeployment(
+        folder / "deployment", credentials=credentials, insecure=request.insecure, hosts=hosts
+    ) as dep:
+        tracking = cfg.tracking.uri
+        if not tracking:
+            say("starting the MLflow tracking server")
+            tracking = dep.start_mlflow(
+                f"sqlite:///{cfg.output_dir / 'mlflow.db'}", cfg.output_dir / "mlartifacts", wait=False
+            )
+            overrides.append(f"tracking.uri={_toml_string(tracking)}")
+        say(f"starting the SuperLink ({'plain text' if request.insecure else 'TLS, SuperNode auth'})")
+        dep.start_superlink()
+        say(f"starting {n} SuperNodes")
+        for device in range(n):
+            key = None
+            if dep.node_auth:
+                key = dep.node_key(device)
+                dep.register(key)
+            dep.start_supernode(device, n, key)
+        if dep.mlflow is not None:
+            dep.wait_mlflow()
+        dep.wait_online(n)
+        run_id = dep.submit(
+            {
+                "scenario": str(scenario) if scenario else "",
+                "overrides": ";".join(overrides),
+                "output-dir": str(cfg.output_dir),
+                "run-dir": str(folder),
+                "engine": "deployment",
+            }
+        )
+        say(f"run {run_id} started")
+        status = dep.wait(run_id, request.timeout, done_file=folder / "summary.json")
+        if status != FINISHED_OK:
+            _, details = dep.status(run_id)
+            log = dep.group.log_dir / f"run-{run_id}.log"
+            raise DeployError(f"run {run_id} ended {status} ({details}); log: {log}")
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise DeployError(f"run finished but wrote no summary at {summary_path}")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if not cfg.tracking.uri:
+        from fedge.tracking import ui_command
+
+        # The tracking server stopped with the deployment; its store stays.
+        summary["ui_command"] = ui_command(f"sqlite:///{cfg.output_dir / 'mlflow.db'}")
+    return summary

@@ -1,0 +1,161 @@
+"""Several models in service: split on drift, recognise a known concept, merge, retire."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedge.multimodel import ClusterView, MultiModelOrchestrator
+from fedge.orchestrator import CampaignOutcome, RoundMetrics
+from fedge.protocol import DriftReport
+from strategies.drift_clustering import DriftClustering, cluster_distance, merge_agreeing
+
+
+def _report(device: int, drift: bool = False) -> DriftReport:
+    return DriftReport(device, 1, 1, 100, 5, drift, int(drift), int(drift), 100)
+
+
+def _views(members: Mapping[int, Sequence[int]]) -> dict[int, ClusterView]:
+    return {k: ClusterView(k, k + 1, tuple(v), 0, 0) for k, v in members.items()}
+
+
+def test_drifted_device_that_no_model_fits_gets_a_new_model() -> None:
+    policy = DriftClustering()
+    scores = {0: {0: 0.95}, 1: {0: 0.96}, 2: {0: 0.10}}
+    plan = policy.plan(1, [_report(0), _report(1), _report(2, True)], _views({0: [0, 1, 2]}), scores)
+    assert plan.assignment == {0: 0, 1: 0, 2: 1}
+    assert plan.start_from == {1: None}, "a model that gets 10% right is no starting point"
+
+
+def test_new_model_starts_from_the_model_that_still_fits_best() -> None:
+    policy = DriftClustering()
+    scores = {0: {0: 0.95}, 1: {0: 0.96}, 2: {0: 0.70}}
+    plan = policy.plan(1, [_report(0), _report(1), _report(2, True)], _views({0: [0, 1, 2]}), scores)
+    assert plan.assignment[2] == 1 and plan.start_from == {1: 0}
+    assert "new cluster 1" in plan.reasons[2]
+
+
+def test_false_alarm_keeps_the_device_on_its_model() -> None:
+    policy = DriftClustering()
+    scores = {0: {0: 0.95}, 1: {0: 0.93}}
+    plan = policy.plan(1, [_report(0), _report(1, True)], _views({0: [0, 1]}), scores)
+    assert plan.assignment == {0: 0, 1: 0}
+    assert not plan.start_from
+
+
+def test_device_moves_to_the_model_of_a_concept_seen_before() -> None:
+    policy = DriftClustering()
+    scores = {
+        0: {0: 0.95, 1: 0.05},
+        1: {0: 0.96, 1: 0.04},
+        2: {0: 0.06, 1: 0.97},
+        3: {0: 0.08, 1: 0.95},  # was on cluster 0, its data now follows cluster 1's concept
+    }
+    views = _views({0: [0, 1, 3], 1: [2]})
+    plan = policy.plan(4, [_report(d, d == 3) for d in range(4)], views, scores)
+    assert plan.assignment == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert not plan.start_from, "a known concept needs no new model"
+
+
+def test_models_that_serve_each_others_devices_equally_are_merged() -> None:
+    scores = {0: {0: 0.90, 1: 0.89}, 1: {0: 0.88, 1: 0.90}, 2: {0: 0.2, 1: 0.2, 2: 0.9}}
+    assert cluster_distance(scores, [0], [1], 0, 1) <= 0.05
+    groups, merged = merge_agreeing(scores, {0: [0], 1: [1], 2: [2]}, 0.05)
+    # model 1 fits the union slightly better (0.895 vs 0.89), so it is the one kept
+    assert sorted(groups) == [1, 2] and groups[1] == [0, 1]
+    assert merged == {1: (0,)}
+
+
+def test_idle_models_beyond_the_pool_size_are_retired_oldest_first() -> None:
+    policy = DriftClustering(max_models=2)
+    views = {
+        0: ClusterView(0, 1, (0,), 0, 5),
+        1: ClusterView(1, 2, (), 0, 1),
+        2: ClusterView(2, 3, (), 0, 3),
+    }
+    scores = {0: {0: 0.9, 1: 0.1, 2: 0.2}}
+    plan = policy.plan(5, [_report(0)], views, scores)
+    assert plan.retire == (1,)
+
+
+class _Federation:
+    """Two concepts: devices 0-1 always on concept 0; device 2 switches to concept 1 at tick 2."""
+
+    def __init__(self) -> None:
+        self.deployed: list[dict[int, int]] = []
+        self.trained: list[dict[int, tuple[int, ...]]] = []
+
+    def _concept(self, device: int, tick: int) -> int:
+        return 1 if device == 2 and tick >= 2 else 0
+
+    def poll_models(self, tick: int, deployment: Mapping[int, Any]) -> list[DriftReport]:
+        self.deployed.append({d: v[0] for d, v in deployment.items()})
+        reports = []
+        for d in range(3):
+            model = deployment.get(d)
+            fits = model is not None and float(model[2]["w"][0]) == self._concept(d, tick)
+            errors = 5 if fits or model is None else 90
+            version = model[1] if model else 0
+            drift = model is not None and not fits
+            reports.append(DriftReport(d, tick, version, 100, errors, drift, int(drift), 0, 100))
+        return reports
+
+    def score(self, tick: int, models: Mapping[int, Any]) -> dict[int, dict[int, float]]:
+        return {
+            d: {k: 0.95 if float(w["w"][0]) == self._concept(d, tick) else 0.1 for k, w in models.items()}
+            for d in range(3)
+        }
+
+    def campaign_clusters(
+        self, groups: Mapping[int, Any], *, tick: int, rounds: int, first_round: int
+    ) -> dict[int, CampaignOutcome]:
+        self.trained.append({k: tuple(v[0]) for k, v in groups.items()})
+        out = {}
+        for key, (devices, _) in groups.items():
+            concept = self._concept(devices[0], tick)
+            rm = tuple(RoundMetrics(first_round + r, 0.1, 0.95, 0.1, 0.5, len(devices)) for r in range(rounds))
+            out[key] = CampaignOutcome({"w": np.array([float(concept)])}, rm, len(devices))
+        return out
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.tags: list[dict[str, str]] = []
+        self.aliases: dict[str, int] = {}
+
+    def register(self, weights: Any, tags: Mapping[str, str]) -> int:
+        self.tags.append(dict(tags))
+        return len(self.tags)
+
+    def set_alias(self, version: int, alias: str) -> None:
+        self.aliases[alias] = version
+
+
+class _Tracker:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_event(self, kind: str, tick: int, payload: Mapping[str, Any]) -> None:
+        pass
+
+
+def test_orchestrator_splits_the_drifted_device_and_serves_it_its_own_model() -> None:
+    fed, reg = _Federation(), _Registry()
+    orch = MultiModelOrchestrator(
+        fed, reg, _Tracker(), DriftClustering(), {"w": np.array([9.0])}, rounds=2, initial_rounds=3
+    )
+    record = orch.run(range(5))
+    assert fed.trained[0] == {0: (0, 1, 2)}
+    assert fed.trained[2] == {0: (0, 1), 1: (2,)}, "the drifted device trains its own model"
+    assert fed.deployed[3] == {0: 0, 1: 0, 2: 1}, "and is served it at the next tick"
+    assert record.accuracy(4) == 0.95
+    last_of_1 = max(i + 1 for i, t in enumerate(reg.tags) if t["fedge.cluster"] == "1")
+    assert reg.aliases["cluster-1"] == last_of_1, "each cluster's alias names its newest version"
+    new = next(t for t in reg.tags if t["fedge.cluster"] == "1")
+    assert new["fedge.trigger_reason"].startswith("new cluster")
+    assert new["fedge.split_from"] == "" and new["fedge.parent_version"] == "none", "fresh start"
+    later = [t for t in reg.tags if t["fedge.cluster"] == "1"][1:]
+    assert later and all(t["fedge.parent_version"] != "none" for t in later), "lineage within a cluster"
+    assert orch.rounds_done == 3 + 2 * 4
