@@ -236,29 +236,27 @@ class Device:
     ) -> tuple[dict[str, np.ndarray], int, float]:
         """Train the given global model on the window; returns weights, examples, loss."""
         x, y, _, _ = self._split()
-        model = nets.build_model(
-            self.scenario.n_features,
-            self.scenario.n_classes,
-            self.cfg.model.hidden,
-            self.cfg.model.layers,
-        )
-        nets.set_weights(model, weights)
+        model = self._model_with(weights)
         loss = nets.train(
             model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
             proximal_mu=proximal_mu,
         )
         return nets.get_weights(model), len(y), loss
 
-    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, int | float]:
-        """Candidate and deployed champion on the held-out part of the window."""
-        _, _, xh, yh = self._split()
+    def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+        """A fresh network of this run's architecture holding ``weights``."""
         model = nets.build_model(
             self.scenario.n_features,
             self.scenario.n_classes,
             self.cfg.model.hidden,
             self.cfg.model.layers,
         )
-        nets.set_weights(model, weights)
+        return nets.set_weights(model, weights)
+
+    def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, int | float]:
+        """Candidate and deployed champion on the held-out part of the window."""
+        _, _, xh, yh = self._split()
+        model = self._model_with(weights)
         acc, loss = nets.evaluate(model, xh, yh)
         champ = nets.evaluate(self._model, xh, yh)[0] if self.version > 0 else 0.0
         return {"num-examples": len(yh), "eval_acc": acc, "eval_loss": loss, "champion_acc": champ}

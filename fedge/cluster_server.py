@@ -58,23 +58,6 @@ class ClusterFederation(FlowerFederation):
             messages.append(Message(content, node, "query", group_id=f"tick-{tick}"))
         return self._collect_reports(tick, messages)
 
-    def _collect_reports(self, tick: int, messages: list[Message]) -> list[p.DriftReport]:
-        reports = []
-        for reply in self.grid.send_and_receive(messages, timeout=POLL_TIMEOUT):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("tick %d: node %s replied with an error: %s", tick, node, reply.error)
-                continue
-            try:
-                report = p.DriftReport.from_dict(reply.content[p.REPORT])
-            except (KeyError, ValueError) as exc:
-                log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
-                continue
-            self.node_of[report.device] = node
-            self.deployed[node] = report.model_version
-            reports.append(report)
-        return sorted(reports, key=lambda r: r.device)
-
     def score(self, tick: int, models: Mapping[int, nets.Weights]) -> Scores:
         """Fraction of each device's latest samples every model gets right."""
         keys = sorted(models)[: p.MAX_SCORED_MODELS]

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 from fedge import model as nets
 from fedge import protocol as p
 from fedge.config import FedgeConfig
+from fedge.engines.view import GridView
 from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_history
 from fedge.orchestrator import (
     CampaignOutcome,
@@ -56,7 +57,7 @@ app = ServerApp()
 POLL_TIMEOUT = 600.0
 
 
-class DeviceGrid(Grid):
+class DeviceGrid(GridView):
     """A view of a grid restricted to some nodes, replying in a fixed node order.
 
     Flower strategies sample from ``get_node_ids()``; handing them this view is
@@ -65,35 +66,12 @@ class DeviceGrid(Grid):
     """
 
     def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = list(node_ids)
         self._rank = {n: i for i, n in enumerate(self._nodes)}
 
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -176,6 +154,10 @@ class FlowerFederation:
             if arrays is not None and self.deployed.get(node) != version:
                 content[p.ARRAYS] = arrays
             messages.append(Message(content, node, "query", group_id=f"tick-{tick}"))
+        return self._collect_reports(tick, messages)
+
+    def _collect_reports(self, tick: int, messages: list[Message]) -> list[p.DriftReport]:
+        """Send the polls, read the reports; a bad reply is logged and skipped."""
         reports = []
         for reply in self.grid.send_and_receive(messages, timeout=POLL_TIMEOUT):
             node = reply.metadata.src_node_id

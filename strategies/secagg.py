@@ -56,6 +56,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from numpy.typing import NDArray
 
 from fedge import secagg_protocol as sp
+from fedge.engines.view import GridView
 
 log = logging.getLogger("fedge.secagg")
 
@@ -197,7 +198,7 @@ class _Round:
     pk2: dict[int, bytes] = field(default_factory=dict)
 
 
-class SecAggGrid(Grid):
+class SecAggGrid(GridView):
     """A grid that runs every ``train`` exchange under SecAgg+ and returns one aggregate reply.
 
     Parameters
@@ -218,7 +219,7 @@ class SecAggGrid(Grid):
     def __init__(
         self, grid: Grid, node_ids: Sequence[int] | None = None, config: SecAggConfig | None = None
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = None if node_ids is None else list(node_ids)
         self.config = config or SecAggConfig()
         self.reports: list[SecAggRoundReport] = []
@@ -227,23 +228,6 @@ class SecAggGrid(Grid):
 
     def __repr__(self) -> str:
         return f"SecAggGrid({self._grid!r}, node_ids={self._nodes!r}, config={self.config!r})"
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         available = list(self._grid.get_node_ids())
@@ -258,9 +242,6 @@ class SecAggGrid(Grid):
                 "under secure aggregation, train messages go through send_and_receive"
             )
         return self._grid.push_messages(batch)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
