@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
-from flwr.supercore.run import Run
 
 from clients.egress import egress_violations
 from clients.secagg import (
@@ -22,6 +20,7 @@ from clients.secagg import (
 )
 from fedge import secagg_protocol as sp
 from fedge.engines.inprocess import InProcessGrid
+from fedge.engines.view import GridView
 from strategies.secagg import SecAggConfig, SecAggError, SecAggGrid, secure_strategy_grid
 
 SHAPES = {"w": (40, 25), "b": (25,)}
@@ -93,40 +92,15 @@ def tolerance(config: SecAggConfig, pids: Iterable[int]) -> float:
     return len(pids) * step / total_weight
 
 
-class Recorder(Grid):
+class Recorder(GridView):
     """Passes messages through and keeps every reply that reached the server."""
 
     def __init__(self, grid: InProcessGrid, drop_before: dict[str, set[int]] | None = None) -> None:
+        super().__init__(grid)
         self.grid = grid
         self.replies: list[tuple[str, Message]] = []
         self.requests: list[Message] = []
         self.drop_before = drop_before or {}
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
