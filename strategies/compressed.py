@@ -14,11 +14,12 @@ from fedge import protocol as p
 from fedge.compression import CODECS, decode_update
 from fedge.wire import from_arrays, to_arrays
 from strategies.aggregation import array_view
+from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedge.server")
 
 
-class CompressedUploads(Strategy):
+class CompressedUploads(StrategyWrapper):
     """Ask devices for compressed train replies and decode them for ``strategy``.
 
     The wrapped strategy samples, configures and aggregates as it always does;
@@ -41,7 +42,7 @@ class CompressedUploads(Strategy):
             raise ValueError(
                 f"campaign.compression: {codec!r} is not allowed; allowed: {', '.join(CODECS)}"
             )
-        self.strategy = strategy
+        super().__init__(strategy)
         self.codec = codec
         self._sent: dict[int, dict[str, np.ndarray]] = {}
 
@@ -79,18 +80,6 @@ class CompressedUploads(Strategy):
                 msg.content[p.ARRAYS] = to_arrays(decoded)
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The wrapped strategy's evaluate messages."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """The wrapped strategy's evaluation aggregate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """The wrapped strategy's summary and the codec."""

@@ -24,6 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.wrapper import StrategyWrapper
+
 log = logging.getLogger("fedge.server")
 
 
@@ -78,7 +80,7 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-class UpdateScreening(Strategy):
+class UpdateScreening(StrategyWrapper):
     """Drop malformed or outsized client updates, then aggregate with ``strategy``.
 
     Parameters
@@ -101,7 +103,7 @@ class UpdateScreening(Strategy):
         name_of: Callable[[int], str] | None = None,
         arrayrecord_key: str = "arrays",
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.norm_factor = norm_factor
         self.name_of = name_of or (lambda node: f"node {node}")
         self.arrayrecord_key = arrayrecord_key
@@ -110,9 +112,6 @@ class UpdateScreening(Strategy):
 
     def __repr__(self) -> str:
         return f"UpdateScreening(strategy={self.strategy!r}, norm_factor={self.norm_factor})"
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -154,13 +153,3 @@ class UpdateScreening(Strategy):
                 continue
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
