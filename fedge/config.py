@@ -103,6 +103,10 @@ class CampaignConfig:
 
     ``compression`` encodes the devices' train replies (``float16`` or ``int8``
     with error feedback, see :mod:`fedge.compression`); ``none`` sends weights.
+
+    ``min_devices`` is how many of a campaign's devices must reply for a round
+    to count; devices that do not answer within ``run.reply_timeout`` are left
+    out of that round.
     """
 
     strategy: str = field(
@@ -127,6 +131,7 @@ class CampaignConfig:
     initial_rounds: int = field(default=8, metadata=_at_least(1))
     warm_start: bool = False
     compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))
+    min_devices: int = field(default=1, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
@@ -170,10 +175,16 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where results go and whether a restarted server resumes from the registry."""
+    """Where results go, whether a restarted server resumes, how long it waits for devices.
+
+    ``reply_timeout`` (seconds) bounds every wait for device replies: a poll, a
+    strategy round. A device that has not answered by then is treated as offline
+    for that message.
+    """
 
     output_dir: str = "fedge-runs"
     resume: bool = True
+    reply_timeout: float = field(default=600.0, metadata=_between(0.1, 86400.0))
 
 
 @dataclass(frozen=True)
