@@ -8,6 +8,7 @@ the model registry through a :class:`Registry` and metrics through a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,17 @@ import numpy as np
 from fedge.protocol import DriftReport
 from fedge.triggers import Decision, TriggerPolicy
 
+log = logging.getLogger("fedge.server")
+
 Weights = dict[str, np.ndarray]
+
+
+class CampaignRefused(RuntimeError):
+    """A federation declines to start a campaign (e.g. the privacy budget is spent).
+
+    The message is one line saying why; the orchestrator records it, registers
+    nothing and keeps monitoring.
+    """
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,7 @@ class RunRecord:
     campaigns: list[CampaignRecord] = field(default_factory=list)
     champion: int = 0
     resumed_from: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
     def accuracy(self, tick: int) -> float | None:
         """Prequential accuracy at ``tick`` (None before any model)."""
@@ -145,6 +157,7 @@ class RunRecord:
             "campaigns": [asdict(c) for c in self.campaigns],
             "champion": self.champion,
             "resumed_from": self.resumed_from,
+            "refused": list(self.refused),
         }
 
 
@@ -225,6 +238,7 @@ class Orchestrator:
         self.champion: tuple[int, Weights] | None = None
         self.last_campaign: int | None = None
         self.rounds_done = 0
+        self.last_refusal = ""
 
     def run(self, ticks: Sequence[int]) -> RunRecord:
         """Run the given monitoring ticks and return the record."""
@@ -265,7 +279,10 @@ class Orchestrator:
         self.tracker.log_metrics(metrics, step=tick)
         campaign = None
         if decision.retrain and reports:
-            campaign = self._campaign(tick, decision, reports)
+            try:
+                campaign = self._campaign(tick, decision, reports)
+            except CampaignRefused as exc:
+                self._refused(tick, decision, str(exc))
         if self.on_tick is not None:
             self.on_tick(rec, campaign)
         return rec
@@ -335,6 +352,14 @@ class Orchestrator:
         self.record.campaigns.append(record)
         self.tracker.log_event("campaign", tick, asdict(record))
         return record
+
+    def _refused(self, tick: int, decision: Decision, reason: str) -> None:
+        """Record a campaign the federation declined; said once per distinct reason."""
+        self.record.refused.append({"tick": tick, "reason": reason})
+        self.tracker.log_event("campaign_refused", tick, {"reason": reason, "trigger": decision.reason})
+        if reason != self.last_refusal:
+            log.warning("tick %d: no campaign: %s", tick, reason)
+            self.last_refusal = reason
 
     def _gate(self, outcome: CampaignOutcome) -> bool:
         if self.champion is None:
