@@ -15,7 +15,9 @@ from flwr.clientapp import ClientApp
 
 from clients.device import Device
 from clients.egress import make_egress_mod
+from clients.secagg import privacy_mods, register_secagg_actions
 from fedge import protocol as p
+from fedge.privacy import LocalDpParams, local_dp_params
 from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
 
 log = logging.getLogger("fedge.device")
@@ -35,8 +37,16 @@ def audit_path(context: Context) -> Path:
     return store_path(context)[1].with_suffix(".audit.jsonl")
 
 
-# Every reply passes the egress policy and lands in the device's audit log.
-app = ClientApp(mods=[make_egress_mod(audit_path)])
+def local_dp_for(context: Context) -> LocalDpParams | None:
+    """Local DP parameters of this node's run (None unless ``privacy.dp = "local"``)."""
+    return local_dp_params(config_from_context(context).privacy)
+
+
+# Every reply passes the egress policy and lands in the device's audit log; the
+# egress mod is outermost, so it checks and records what really leaves (a masked
+# update under secure aggregation, a noised one under local DP).
+app = ClientApp(mods=[make_egress_mod(audit_path), *privacy_mods(local_dp=local_dp_for)])
+register_secagg_actions(app)
 
 
 def device_for(context: Context) -> Device:
@@ -93,6 +103,8 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed + device.device_id * 104729,
         proximal_mu=_number(config, p.PROXIMAL_MU, 0.0),
     )
+    if config.get(p.EQUAL_WEIGHTS, False) is True:
+        n = 1  # central DP: every device counts once in the average
     codec = str(config.get(p.COMPRESSION, "none"))
     upload = device.encode_upload(weights, start, codec, int(_number(config, p.TICK, 0)))
     content = RecordDict(

@@ -17,9 +17,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from clients.secagg import secagg_egress_violations
 from fedge.audit import AuditLog
 from fedge.compression import CODECS, encoded_shapes
 from fedge.protocol import COMPRESSION, CONFIG, EGRESS
+from fedge.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 log = logging.getLogger("fedge.device")
 
@@ -33,6 +35,9 @@ def egress_violations(request: Message, reply: Message) -> list[str]:
     """Every way ``reply`` breaks the egress policy (empty when it may leave)."""
     if reply.has_error():
         return []
+    if request.metadata.message_type in SECAGG_REPLIES:
+        # Secure aggregation's key exchange: its own, equally strict contract.
+        return secagg_egress_violations(request, reply)
     kind = request.metadata.message_type.split(".")[0]
     allowed = EGRESS.get(kind)
     if allowed is None:

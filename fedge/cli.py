@@ -109,6 +109,8 @@ def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
     ) as progress:
         task = progress.add_task(cfg.scenario.name, total=cfg.scenario.ticks, status="starting")
 
+        shown: dict[str, str] = {}
+
         def on_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
             drift = f"drift {len(rec.drifted)}/{cfg.scenario.clients}" if rec.drifted else "no drift"
             line = f"tick {rec.tick:>3}  accuracy {_fmt(rec.accuracy)}  {drift}"
@@ -118,6 +120,9 @@ def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
                     f"  -> {campaign.reason.split(':')[0]}: v{campaign.version} {verdict}"
                     f" ({campaign.candidate_acc:.3f} vs {campaign.champion_acc:.3f})"
                 )
+            if rec.refused and rec.refused != shown.get("refused"):
+                line += f"  -> [red]no campaign[/]: {rec.refused}"
+                shown["refused"] = rec.refused
             progress.console.print(line, highlight=False)
             progress.update(task, advance=1, status=f"accuracy {_fmt(rec.accuracy)}")
 
@@ -158,17 +163,41 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"v{c['version']} {verdict}",
         )
     console.print(camp)
+    reasons: dict[str, list[int]] = {}
+    for r in s.get("refused", []):
+        reasons.setdefault(r["reason"], []).append(r["tick"])
+    for reason, ticks in reasons.items():
+        where = ", ".join(str(t) for t in ticks)
+        console.print(f"[red]No campaign[/] at tick {where}: {reason}", highlight=False)
+    budget = s.get("privacy_budget")
+    if budget:
+        console.print(
+            f"Privacy: epsilon {budget['epsilon_spent']:.3f} of {budget['epsilon_limit']:g} spent "
+            f"(delta {budget['delta']:g}) over {len(budget['campaigns'])} DP campaigns",
+            highlight=False,
+        )
+    private = any("fedge.aggregation" in v["tags"] for v in s["versions"])
     vers = Table(title=f"Model versions of {s['model_name']}", title_justify="left")
     for col in ("version", "aliases", "parent", "trigger"):
         vers.add_column(col)
+    if private:
+        for col in ("aggregation", "DP", "epsilon"):
+            vers.add_column(col)
     for v in s["versions"]:
         tags = v["tags"]
-        vers.add_row(
+        row = [
             f"v{v['version']}",
             ", ".join(v["aliases"]) or "",
             tags.get("fedge.parent_version", "?"),
             tags.get("fedge.trigger_reason", "").split(":")[0],
-        )
+        ]
+        if private:
+            row += [
+                tags.get("fedge.aggregation", "plaintext"),
+                tags.get("fedge.dp", "none"),
+                tags.get("fedge.epsilon", "-"),
+            ]
+        vers.add_row(*row)
     console.print(vers)
     console.print(
         f"Champion: [bold]v{s['champion']}[/]   rejected rows: {s['rejected_rows']}   "

@@ -15,6 +15,8 @@ The file layout mirrors the dataclasses below::
     [trigger]             policy, quorum, cooldown, period
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
     [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
+    [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
+                          noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
     [model]               hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume
@@ -153,6 +155,38 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Secure aggregation and differential privacy of the campaigns (docs/privacy.md).
+
+    ``secure_aggregation`` runs every training round under SecAgg+: the server
+    sees masked vectors and their sum only. ``secagg_shares`` is each device's
+    neighbourhood, a fraction of the round's devices (1.0: everyone) or a whole
+    count above 2; ``secagg_threshold`` the shares that rebuild a secret, a
+    fraction of the neighbourhood or a whole count of at least 2. It cannot be
+    combined with a robust strategy or with compression, which need each update.
+
+    ``dp`` adds differential privacy: ``central-server`` (Flower's server-side
+    fixed clipping, updates in the clear), ``central-client`` (devices clip,
+    the server adds the noise; works with secure aggregation) or ``local``
+    (Flower's ``LocalDpMod`` on every device, ``local_epsilon`` per release).
+    Central noise has std ``noise_multiplier * clipping_norm / devices``. A DP
+    campaign averages the devices' updates with equal weights, the average the
+    noise is calibrated to. Every campaign is charged to ``epsilon_budget`` at
+    ``delta``; one that would exceed it does not start.
+    """
+
+    secure_aggregation: bool = False
+    secagg_shares: float = field(default=1.0, metadata=_at_least(0.01))
+    secagg_threshold: float = field(default=0.6, metadata=_at_least(0.01))
+    dp: str = field(default="none", metadata=_choice("none", "central-server", "central-client", "local"))
+    noise_multiplier: float = field(default=1.0, metadata=_between(0.01, 1000.0))
+    clipping_norm: float = field(default=1.0, metadata=_between(1e-6, 1e6))
+    local_epsilon: float = field(default=1.0, metadata=_between(1e-3, 100.0))
+    epsilon_budget: float = field(default=10.0, metadata=_between(1e-3, 1e6))
+    delta: float = field(default=1e-5, metadata=_between(1e-12, 0.1))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The feed-forward classifier trained on the devices."""
 
@@ -196,6 +230,7 @@ class FedgeConfig:
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     campaign: CampaignConfig = field(default_factory=CampaignConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -319,10 +354,61 @@ def _check_components(cfg: FedgeConfig) -> None:
             f"trigger.quorum: {cfg.trigger.quorum!r} is neither a fraction below 1 "
             "nor a whole device count"
         )
+    _check_privacy(cfg)
     if cfg.trigger.quorum > cfg.scenario.clients:
         raise ConfigError(
             f"trigger.quorum: {int(cfg.trigger.quorum)} devices can never agree; "
             f"the scenario has {cfg.scenario.clients} clients"
+        )
+
+
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
+
+
+def _check_privacy(cfg: FedgeConfig) -> None:
+    """Refuse privacy settings that cannot work together, naming the keys."""
+    pv, c = cfg.privacy, cfg.campaign
+    if pv.secure_aggregation:
+        from strategies.secagg import secagg_config
+
+        if c.strategy in ROBUST_STRATEGIES:
+            raise ConfigError(
+                f"privacy.secure_aggregation: campaign.strategy {c.strategy!r} needs each "
+                "device's update, which secure aggregation hides; use fedavg, fedprox or fedadam"
+            )
+        if c.compression != "none":
+            raise ConfigError(
+                f"privacy.secure_aggregation: campaign.compression {c.compression!r} cannot "
+                "compress masked updates; set campaign.compression=none"
+            )
+        if pv.dp == "central-server":
+            raise ConfigError(
+                "privacy.dp: 'central-server' clips each update in the clear; under secure "
+                "aggregation use 'central-client'"
+            )
+        if cfg.scenario.clients < 3:
+            raise ConfigError(
+                f"privacy.secure_aggregation: needs at least 3 devices, the scenario has "
+                f"{cfg.scenario.clients}"
+            )
+        try:
+            secagg_config(
+                pv, equal_weights=pv.dp.startswith("central"), max_weight=cfg.monitor.window
+            )
+        except ValueError as exc:
+            raise ConfigError(_one_line(exc)) from None
+    if pv.dp != "none" and cfg.clustering.enabled:
+        raise ConfigError(
+            "privacy.dp: not supported with clustering.enabled (one budget per model lineage)"
+        )
+    if pv.secure_aggregation and cfg.clustering.enabled:
+        raise ConfigError(
+            "privacy.secure_aggregation: not supported with clustering.enabled"
+        )
+    if pv.dp in ("central-server", "central-client") and c.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"privacy.dp: central DP noise is calibrated to an average; campaign.strategy "
+            f"{c.strategy!r} is not one"
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +51,10 @@ class CampaignOutcome:
     weights: Weights
     rounds: tuple[RoundMetrics, ...]
     n_devices: int
+    #: Extra lineage tags for the model version (e.g. aggregation and DP settings).
+    tags: Mapping[str, str] = field(default_factory=dict)
+    #: Extra run metrics logged at the campaign's tick (e.g. epsilon spent).
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def candidate_acc(self) -> float:
@@ -131,6 +135,8 @@ class TickRecord:
     rejected: int
     n_samples: int
     champion: int
+    #: Why a triggered campaign did not start (e.g. the privacy budget), else empty.
+    refused: str = ""
 
 
 @dataclass
@@ -283,6 +289,8 @@ class Orchestrator:
                 campaign = self._campaign(tick, decision, reports)
             except CampaignRefused as exc:
                 self._refused(tick, decision, str(exc))
+                rec = replace(rec, refused=str(exc))
+                self.record.ticks[-1] = rec
         if self.on_tick is not None:
             self.on_tick(rec, campaign)
         return rec
@@ -331,7 +339,10 @@ class Orchestrator:
             "fedge.candidate_acc": f"{outcome.candidate_acc:.4f}",
             "fedge.champion_acc": f"{outcome.champion_acc:.4f}",
             "fedge.promoted": str(promoted).lower(),
+            **outcome.tags,
         }
+        if outcome.metrics:
+            self.tracker.log_metrics(dict(outcome.metrics), step=tick)
         version = self.registry.register(outcome.weights, tags)
         if promoted:
             self.registry.promote(version)

@@ -256,8 +256,13 @@ class PrivacyBudget:
         noise_multiplier: float | None = None,
         sampling_rate: float | None = None,
         label: str = "",
+        *,
+        enforce: bool = True,
     ) -> Spend:
         """Record a campaign; refuses one that would exceed the limit.
+
+        ``enforce=False`` records a campaign that already happened (e.g. read
+        back from the registry after a restart) even when it went over.
 
         Raises
         ------
@@ -265,7 +270,7 @@ class PrivacyBudget:
             With the one-line :meth:`refusal`; nothing is recorded.
         """
         reason = self.refusal(rounds, noise_multiplier, sampling_rate)
-        if reason is not None:
+        if reason is not None and enforce:
             raise PrivacyBudgetExceeded(reason)
         z, q = self._params(noise_multiplier, sampling_rate)
         spend = Spend(rounds, z, q, self.cost(rounds, z, q), label)
@@ -394,3 +399,20 @@ def effective_noise_multiplier(noise_multiplier: float, weights: Sequence[float]
     if not weights or min(weights) <= 0:
         raise ValueError("weights: need at least one, all positive")
     return noise_multiplier * sum(weights) / (len(weights) * max(weights))
+
+
+def local_dp_params(privacy: Any) -> LocalDpParams | None:
+    """The parameters of Flower's ``LocalDpMod`` for a run's ``[privacy]`` (None unless ``dp = "local"``).
+
+    The noise is calibrated to the true sensitivity of a clipped update, twice
+    the clipping norm, so the epsilon the accountant reports is the one the
+    devices really give.
+    """
+    if privacy.dp != "local":
+        return None
+    return LocalDpParams(
+        clipping_norm=privacy.clipping_norm,
+        sensitivity=2 * privacy.clipping_norm,
+        epsilon=privacy.local_epsilon,
+        delta=privacy.delta,
+    )

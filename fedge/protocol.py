@@ -53,6 +53,9 @@ PROXIMAL_MU = "proximal-mu"
 #: Codec of the train reply's arrays (see :mod:`fedge.compression`); absent means "none".
 COMPRESSION = "compression"
 SEED = "seed"
+#: Train config flag: report a weight of 1 instead of the example count (central DP
+#: campaigns average unweighted, the average the noise is calibrated to).
+EQUAL_WEIGHTS = "equal-weights"
 MODEL_FAMILY = "model-family"
 
 #: Action of the ``evaluate`` message that scores several models on a device's latest samples.

@@ -35,6 +35,7 @@ from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_hi
 from fedge.orchestrator import (
     CampaignOutcome,
     CampaignRecord,
+    CampaignRefused,
     Orchestrator,
     RoundMetrics,
     RunRecord,
@@ -48,6 +49,8 @@ from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
 from strategies.compressed import CompressedUploads
 from strategies.drift_clustering import DriftClustering
 from strategies.fedavg import FedAvg
+from strategies.private_campaign import PrivateCampaigns, equal_weights
+from strategies.secagg import SecAggError
 from strategies.screening import UpdateScreening
 
 log = logging.getLogger("fedge.server")
@@ -134,6 +137,7 @@ class FlowerFederation:
         self.expected = expected_devices
         self.node_of: dict[int, int] = {}
         self.deployed: dict[int, int] = {}
+        self.privacy = PrivateCampaigns(cfg)
 
     def _nodes(self) -> list[int]:
         deadline = time.monotonic() + POLL_TIMEOUT
@@ -184,7 +188,10 @@ class FlowerFederation:
         first_round: int,
     ) -> CampaignOutcome:
         nodes = [self.node_of[d] for d in devices if d in self.node_of]
+        self.privacy.admit(rounds, len(nodes), label=f"tick {tick}")
         strategy = make_strategy(self.cfg, len(nodes))
+        grid: Grid = DeviceGrid(self.grid, nodes)
+        strategy, grid = self.privacy.apply(strategy, grid, nodes)
         c = self.cfg.campaign
         train_config = ConfigRecord(
             {
@@ -193,16 +200,14 @@ class FlowerFederation:
                 p.BATCH_SIZE: c.batch_size,
                 p.SEED: self.cfg.scenario.seed * 100003 + tick,
                 p.TICK: tick,
+                p.EQUAL_WEIGHTS: equal_weights(self.cfg.privacy),
             }
         )
-        result = strategy.start(
-            grid=DeviceGrid(self.grid, nodes),
-            initial_arrays=to_arrays(start),
-            num_rounds=rounds,
-            train_config=train_config,
-            evaluate_config=ConfigRecord({p.TICK: tick}),
-            timeout=POLL_TIMEOUT,
-        )
+        try:
+            result = self._start(strategy, grid, start, rounds, train_config, tick)
+        except SecAggError as exc:
+            raise CampaignRefused(f"campaign abandoned: {exc}") from None
+        evidence = self.privacy.evidence(grid)
         train, ev = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
         metrics = tuple(
             RoundMetrics(
@@ -215,7 +220,28 @@ class FlowerFederation:
             )
             for r in range(1, rounds + 1)
         )
-        return CampaignOutcome(from_arrays(result.arrays), metrics, len(nodes))
+        return CampaignOutcome(
+            from_arrays(result.arrays), metrics, len(nodes), evidence.tags, evidence.metrics
+        )
+
+    def _start(
+        self,
+        strategy: Strategy,
+        grid: Grid,
+        start: nets.Weights,
+        rounds: int,
+        train_config: ConfigRecord,
+        tick: int,
+    ) -> Any:
+        """The strategy's rounds over ``grid``; Flower's result."""
+        return strategy.start(
+            grid=grid,
+            initial_arrays=to_arrays(start),
+            num_rounds=rounds,
+            train_config=train_config,
+            evaluate_config=ConfigRecord({p.TICK: tick}),
+            timeout=POLL_TIMEOUT,
+        )
 
 
 class MlflowRegistry:
@@ -316,8 +342,12 @@ def run_server(
             tracker.log_dict(summary, "summary.json")
             status = "FINISHED"
             return summary
+        federation = FlowerFederation(grid, cfg, scenario.n_clients)
+        if cfg.run.resume:
+            # The lineage's privacy account survives restarts: replay its DP campaigns.
+            federation.privacy.restore(tracker.versions())
         orch = Orchestrator(
-            FlowerFederation(grid, cfg, scenario.n_clients),
+            federation,
             MlflowRegistry(tracker, scenario, cfg),
             tracker,
             make_policy(
@@ -345,6 +375,8 @@ def run_server(
         summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.rounds_done
+        if federation.privacy.budget is not None:
+            summary["privacy_budget"] = federation.privacy.budget.summary()
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_dict(summary, "summary.json")
@@ -428,6 +460,7 @@ def build_summary(
             for v in tracker.versions()
         ],
         "rejected_rows": sum(t.rejected for t in record.ticks),
+        "refused": list(record.refused),
     }
 
 

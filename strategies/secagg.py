@@ -645,3 +645,43 @@ def secure_strategy_grid(
     if settings:
         base = SecAggConfig(**{**vars(base), **settings})
     return SecAggGrid(grid, node_ids, base)
+
+
+def secagg_config(privacy: Any, *, equal_weights: bool, max_weight: float) -> SecAggConfig:
+    """The protocol settings of a run's ``[privacy]`` section.
+
+    Parameters
+    ----------
+    privacy : fedge.config.PrivacyConfig
+        ``secagg_shares`` and ``secagg_threshold``: fractions up to 1, whole counts above.
+    equal_weights : bool
+        Devices report a weight of 1 (DP campaigns): the quantiser's weight scale is 1.
+    max_weight : float
+        Otherwise the largest ``num-examples`` a device can report (its window).
+
+    Raises
+    ------
+    ValueError
+        In one line, naming the ``privacy.`` key.
+    """
+
+    def count_or_fraction(key: str, value: float) -> int | float:
+        if value <= 1:
+            return float(value)
+        if not float(value).is_integer():
+            raise ValueError(
+                f"privacy.{key}: {value!r} is neither a fraction up to 1 nor a whole count"
+            )
+        return int(value)
+
+    shares = count_or_fraction("secagg_shares", privacy.secagg_shares)
+    threshold = count_or_fraction("secagg_threshold", privacy.secagg_threshold)
+    try:
+        return SecAggConfig(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            max_weight=1.0 if equal_weights else float(max_weight),
+        )
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("secagg.num_shares", "privacy.secagg_shares").replace(
+            "secagg.reconstruction_threshold", "privacy.secagg_threshold")) from None

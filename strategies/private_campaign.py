@@ -1,0 +1,222 @@
+"""A run's ``[privacy]`` settings applied to each campaign, with the account they keep.
+
+:class:`PrivateCampaigns` is what the ServerApp asks, campaign by campaign:
+
+- :meth:`~PrivateCampaigns.admit`: may this campaign start? It refuses, in one
+  line, a campaign the privacy budget cannot pay for (and charges the ones it
+  admits, before any noised update is released), or a secure campaign with
+  fewer devices than the protocol needs.
+- :meth:`~PrivateCampaigns.apply`: the campaign's strategy wrapped for central
+  DP (Flower's fixed-clipping wrappers) and its grid wrapped for secure
+  aggregation (:class:`strategies.secagg.SecAggGrid`).
+- :meth:`~PrivateCampaigns.evidence`: the tags every registered model version
+  carries (``fedge.aggregation``, ``fedge.dp``, ``fedge.epsilon``, ...) and the
+  epsilon metrics logged with the run.
+
+The device side is :func:`clients.secagg.privacy_mods`; the local DP
+parameters both sides agree on come from :func:`local_dp_params`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedge.config import FedgeConfig, PrivacyConfig
+from fedge.orchestrator import CampaignRefused
+from fedge.privacy import PrivacyBudget, Spend, local_dp_params
+from strategies.dp import wrap_strategy_for_dp
+from strategies.secagg import SecAggGrid, SecAggRoundReport, secagg_config
+
+log = logging.getLogger("fedge.privacy")
+
+#: Fewest devices a secure round accepts: with two, each could subtract its own update.
+MIN_SECURE_DEVICES = 3
+
+CENTRAL = ("central-server", "central-client")
+
+
+def equal_weights(privacy: PrivacyConfig) -> bool:
+    """True when campaigns average the devices' updates unweighted (central DP)."""
+    return privacy.dp in CENTRAL
+
+
+@dataclass
+class Evidence:
+    """What a campaign ran under, for its model version and the run's metrics."""
+
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+class PrivateCampaigns:
+    """The privacy side of every campaign in one run (one model lineage).
+
+    Parameters
+    ----------
+    cfg : FedgeConfig
+        The run configuration; only ``privacy`` and ``monitor.window`` are read.
+    """
+
+    def __init__(self, cfg: FedgeConfig) -> None:
+        self.cfg = cfg.privacy
+        self.secure = cfg.privacy.secure_aggregation
+        self.dp = cfg.privacy.dp
+        self.local = local_dp_params(cfg.privacy)
+        self.secagg = (
+            secagg_config(
+                cfg.privacy, equal_weights=equal_weights(cfg.privacy), max_weight=cfg.monitor.window
+            )
+            if self.secure
+            else None
+        )
+        self.budget: PrivacyBudget | None = None
+        if self.dp != "none":
+            self.budget = PrivacyBudget(
+                epsilon_limit=cfg.privacy.epsilon_budget,
+                delta=cfg.privacy.delta,
+                noise_multiplier=self.noise_multiplier,
+            )
+        self._spend: Spend | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when campaigns run under secure aggregation or DP."""
+        return self.secure or self.dp != "none"
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The ``z`` the accountant charges per round (noise std / sensitivity)."""
+        if self.local is not None:
+            return self.local.noise_std / self.local.sensitivity
+        return self.cfg.noise_multiplier
+
+    # -- before a campaign -----------------------------------------------------------------
+
+    def admit(self, rounds: int, n_devices: int, label: str) -> None:
+        """Charge a campaign of ``rounds`` rounds over ``n_devices`` devices, or refuse it.
+
+        Raises
+        ------
+        CampaignRefused
+            One line saying why; nothing is charged.
+        """
+        self._spend = None
+        if self.secure and n_devices < MIN_SECURE_DEVICES:
+            raise CampaignRefused(
+                f"secure aggregation needs at least {MIN_SECURE_DEVICES} devices in a campaign, "
+                f"{n_devices} would take part"
+            )
+        if self.budget is None:
+            return
+        reason = self.budget.refusal(rounds)
+        if reason is not None:
+            raise CampaignRefused(f"{reason}; no further campaign will start")
+        self._spend = self.budget.charge(rounds, label=label)
+
+    def apply(self, strategy: Strategy, grid: Grid, nodes: Sequence[int]) -> tuple[Strategy, Grid]:
+        """The campaign's strategy and grid with central DP and secure aggregation on."""
+        if self.dp in CENTRAL:
+            strategy = wrap_strategy_for_dp(
+                strategy,
+                self.cfg.noise_multiplier,
+                self.cfg.clipping_norm,
+                len(nodes),
+                clipping="server" if self.dp == "central-server" else "client",
+                secure_aggregation=self.secure,
+            )
+        if self.secagg is not None:
+            grid = SecAggGrid(grid, nodes, self.secagg)
+        return strategy, grid
+
+    # -- after a campaign ------------------------------------------------------------------
+
+    def evidence(self, grid: Grid) -> Evidence:
+        """Tags for the campaign's model version and metrics for the run."""
+        tags = {"fedge.aggregation": self.aggregation_label(grid), "fedge.dp": self.dp_label()}
+        metrics: dict[str, float] = {}
+        if isinstance(grid, SecAggGrid) and grid.reports:
+            tags["fedge.secagg_dropped"] = str(_dropped(grid.reports))
+        if self.budget is not None and self._spend is not None:
+            spent = self.budget.spent
+            tags.update(
+                {
+                    "fedge.epsilon": f"{spent:.4f}",
+                    "fedge.epsilon_campaign": f"{self._spend.epsilon:.4f}",
+                    "fedge.delta": f"{self.budget.delta:g}",
+                    "fedge.epsilon_budget": f"{self.budget.epsilon_limit:g}",
+                    "fedge.dp_rounds": str(self._spend.rounds),
+                    "fedge.dp_noise_multiplier": repr(self._spend.noise_multiplier),
+                }
+            )
+            metrics = {
+                "privacy/epsilon_spent": spent,
+                "privacy/epsilon_campaign": self._spend.epsilon,
+                "privacy/epsilon_remaining": self.budget.remaining,
+            }
+        return Evidence(tags, metrics)
+
+    def aggregation_label(self, grid: Grid | None = None) -> str:
+        """``plaintext`` or the SecAgg+ settings of the last round."""
+        if self.secagg is None:
+            return "plaintext"
+        if isinstance(grid, SecAggGrid) and grid.reports:
+            last = grid.reports[-1]
+            return f"secagg+ (k={last.num_shares} of {last.devices}, t={last.threshold})"
+        return f"secagg+ (shares={self.cfg.secagg_shares:g}, threshold={self.cfg.secagg_threshold:g})"
+
+    def dp_label(self) -> str:
+        """The DP mode and its parameters, for people."""
+        if self.dp == "none":
+            return "none"
+        if self.local is not None:
+            return (
+                f"local (LocalDpMod, C={self.local.clipping_norm:g}, "
+                f"noise std {self.local.noise_std:.3g})"
+            )
+        return f"{self.dp} (z={self.cfg.noise_multiplier:g}, C={self.cfg.clipping_norm:g})"
+
+    # -- across runs -----------------------------------------------------------------------
+
+    def restore(self, versions: Iterable[Mapping[str, Any]]) -> int:
+        """Charge the budget again with the DP campaigns recorded on earlier model versions.
+
+        A restarted server so keeps the lineage's account. Returns how many
+        campaigns were replayed.
+        """
+        if self.budget is None:
+            return 0
+        replayed = 0
+        for version in sorted(versions, key=lambda v: int(v.get("version", 0))):
+            tags = version.get("tags", {})
+            if "fedge.dp_rounds" not in tags:
+                continue
+            try:
+                rounds = int(tags["fedge.dp_rounds"])
+                z = float(tags["fedge.dp_noise_multiplier"])
+            except (KeyError, ValueError):
+                log.warning("version %s: unreadable DP tags, not replayed", version.get("version"))
+                continue
+            self.budget.charge(rounds, z, label=f"v{version.get('version')}", enforce=False)
+            replayed += 1
+        if replayed:
+            log.info(
+                "privacy budget: %d earlier campaigns replayed, epsilon %.3f of %g spent",
+                replayed,
+                self.budget.spent,
+                self.budget.epsilon_limit,
+            )
+        return replayed
+
+
+def _dropped(reports: Sequence[SecAggRoundReport]) -> int:
+    lost: set[int] = set()
+    for report in reports:
+        for nodes in report.dropped.values():
+            lost.update(nodes)
+    return len(lost)

@@ -1,0 +1,198 @@
+"""Secure aggregation and DP chosen in a run's ``[privacy]`` section, end to end.
+
+What a compliance owner checks: the updates that crossed were masked or
+noised as configured, every model version says how it was trained and what
+it cost in epsilon, the budget stops campaigns (and says so) and survives a
+restart, and wrong combinations are refused before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from clients.client_app import app as client_app
+from clients.client_app import forget_devices
+from fedge.audit import summarise, verify
+from fedge.config import ConfigError, load_config
+from fedge.engines.inprocess import InProcessGrid
+from fedge.privacy import PrivacyBudget
+from fedge.report import write_report
+from fedge.server_app import run_server
+from fedge.tracking import Tracker
+
+BASE = [
+    "scenario.clients=4",
+    "scenario.ticks=8",
+    "scenario.schedule.at=4",
+    "campaign.rounds=2",
+    "campaign.initial_rounds=3",
+]
+
+
+def run(
+    tmp_path: Path, extra: list[str], name: str = "run"
+) -> tuple[dict[str, Any], list[tuple[Message, Message]], Path]:
+    overrides = [f'run.output_dir="{tmp_path}"', *BASE, *extra]
+    cfg = load_config(None, overrides)
+    folder = tmp_path / name
+    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
+    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
+    crossed: list[tuple[Message, Message]] = []
+    grid.on_exchange = lambda request, reply: crossed.append((request, reply))
+    try:
+        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
+    finally:
+        forget_devices()
+    return summary, crossed, folder
+
+
+def train_exchanges(crossed: list[tuple[Message, Message]]) -> list[tuple[Message, Message]]:
+    return [(q, r) for q, r in crossed if q.metadata.message_type == "train" and not r.has_error()]
+
+
+def test_secure_aggregation_from_config_masks_every_update_and_still_recovers(
+    tmp_path: Path,
+) -> None:
+    summary, crossed, folder = run(tmp_path, ["privacy.secure_aggregation=true"])
+
+    kinds = {q.metadata.message_type for q, _ in crossed}
+    assert {"query.secagg_setup", "query.secagg_share_keys", "query.secagg_unmask"} <= kinds
+    trains = train_exchanges(crossed)
+    assert trains
+    for request, reply in trains:
+        sent = request.content.array_records["arrays"]
+        for key, masked in reply.content.array_records["arrays"].items():
+            values = masked.numpy()
+            assert values.dtype.kind in "iu", "an update left a device unmasked"
+            assert values.shape == sent[key].shape
+    # The drift is detected and the secure retraining brings accuracy back.
+    (recovery,) = summary["recoveries"]
+    assert recovery["right_after"] < 0.5
+    assert recovery["after_retraining"] is not None and recovery["after_retraining"] > 0.9
+    versions = summary["versions"]
+    assert len(versions) == len(summary["campaigns"]) == 2
+    for v in versions:
+        assert v["tags"]["fedge.aggregation"].startswith("secagg+ (k=4 of 4")
+        assert v["tags"]["fedge.dp"] == "none"
+    # The key exchange passed the device's egress policy, and the audit shows it.
+    for log in sorted((folder / "devices").glob("*.audit.jsonl")):
+        assert verify(log).ok
+        assert not summarise(log)["blocked"]
+    report = write_report(folder).read_text()
+    assert "Blocked messages in total: 0." in report
+    assert "secagg+ (k=4 of 4" in report
+
+
+def test_central_dp_budget_charges_each_version_refuses_when_spent_and_survives_restart(
+    tmp_path: Path,
+) -> None:
+    z = 2.0
+    ledger = PrivacyBudget(epsilon_limit=1e9, delta=1e-5, noise_multiplier=z)
+    initial = ledger.cost(3)
+    # Enough for the first campaign, not for the first retraining after it
+    # (campaigns compose in RDP: 3 then 2 rounds cost what 5 rounds cost).
+    limit = (ledger.spent_after(3) + ledger.spent_after(5)) / 2
+    privacy = [
+        "privacy.secure_aggregation=true",
+        'privacy.dp="central-client"',
+        f"privacy.noise_multiplier={z}",
+        "privacy.clipping_norm=10.0",
+        f"privacy.epsilon_budget={limit}",
+        # A campaign is asked for every tick: whether drift is visible through
+        # this much noise is not what is tested here.
+        'trigger.policy="always"',
+    ]
+    summary, crossed, _ = run(tmp_path, privacy)
+
+    (version,) = summary["versions"]
+    tags = version["tags"]
+    assert tags["fedge.dp"] == "central-client (z=2, C=10)"
+    assert float(tags["fedge.epsilon"]) == pytest.approx(initial, abs=1e-4)
+    assert float(tags["fedge.epsilon_campaign"]) == pytest.approx(initial, abs=1e-4)
+    assert tags["fedge.aggregation"].startswith("secagg+")
+    # Central DP averages unweighted: every device's masked reply says weight 1.
+    assert train_exchanges(crossed)
+    refused = summary["refused"]
+    assert refused and all("privacy budget" in r["reason"] for r in refused)
+    assert "no further campaign will start" in refused[0]["reason"]
+    assert [r["tick"] for r in refused] == list(range(1, 8))
+    assert summary["privacy_budget"]["epsilon_spent"] == pytest.approx(initial, abs=1e-4)
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    spent = client.get_metric_history(summary["run_id"], "privacy/epsilon_spent")
+    assert [m.value for m in spent] == pytest.approx([initial], abs=1e-4)
+
+    # A restarted server replays the lineage's account from the registry: the
+    # next run finds the budget as spent as it was.
+    again, _, _ = run(tmp_path, privacy, name="run-2")
+    assert again["resumed_from"] == version["version"]
+    assert again["privacy_budget"]["epsilon_spent"] == pytest.approx(initial, abs=1e-4)
+    assert again["refused"] and not again["campaigns"]
+    tracker = Tracker(summary["tracking_uri"], "fedge", summary["model_name"])
+    assert len(tracker.versions()) == 1
+
+
+def test_local_dp_noises_each_update_as_configured(tmp_path: Path) -> None:
+    summary, crossed, _ = run(
+        tmp_path,
+        ['privacy.dp="local"', "privacy.local_epsilon=50.0", "privacy.epsilon_budget=1e6"],
+    )
+    cfg = load_config(None, ['privacy.dp="local"', "privacy.local_epsilon=50.0"])
+    from fedge.privacy import local_dp_params
+
+    params = local_dp_params(cfg.privacy)
+    assert params is not None
+    # Each released update is the clipped update plus Gaussian noise of the
+    # accounted std: per coordinate, the update's spread is that std.
+    for request, reply in train_exchanges(crossed)[:8]:
+        sent = request.content.array_records["arrays"]
+        got = reply.content.array_records["arrays"]
+        delta = np.concatenate(
+            [(got[k].numpy() - sent[k].numpy()).ravel() for k in sent]
+        )
+        assert np.std(delta) == pytest.approx(params.noise_std, rel=0.15)
+    tags = summary["versions"][0]["tags"]
+    assert tags["fedge.dp"].startswith("local (LocalDpMod, C=1")
+    assert float(tags["fedge.epsilon"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["privacy.secure_aggregation=true", "campaign.strategy=krum"],
+            "privacy.secure_aggregation: campaign.strategy 'krum' needs each device's update",
+        ),
+        (
+            ["privacy.secure_aggregation=true", 'campaign.compression="int8"'],
+            "cannot compress masked updates",
+        ),
+        (
+            ["privacy.secure_aggregation=true", 'privacy.dp="central-server"'],
+            "under secure aggregation use 'central-client'",
+        ),
+        (
+            ["privacy.secure_aggregation=true", "privacy.secagg_shares=2.5"],
+            "privacy.secagg_shares: 2.5 is neither a fraction",
+        ),
+        (
+            ["privacy.secure_aggregation=true", "scenario.clients=2"],
+            "needs at least 3 devices",
+        ),
+        (['privacy.dp="sometimes"'], "privacy.dp: 'sometimes' is not allowed"),
+        (['privacy.dp="central-client"', "privacy.delta=0.5"], "privacy.delta: 0.5 is out of range"),
+    ],
+)
+def test_privacy_settings_that_cannot_work_are_refused_in_one_line(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
