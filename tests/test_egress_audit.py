@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,66 @@ def test_audit_chain_detects_edits_insertions_and_deletions(tmp_path: Path) -> N
         path.write_text("\n".join(tampered) + "\n")
         verdict = verify(path)
         assert not verdict.ok and verdict.broken_at == where, verdict
+
+
+def _entries(n: int, kind: str = "query") -> list[dict[str, object]]:
+    return [{"message_type": kind, "bytes": 100 + i, "blocked": False} for i in range(n)]
+
+
+def test_a_crash_mid_write_leaves_a_chain_that_verifies_and_continues(tmp_path: Path) -> None:
+    path = tmp_path / "d.audit.jsonl"
+    log = AuditLog(path)
+    for record in _entries(4):
+        log.append(record)
+    log.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 40])  # the 4th line cut short
+
+    verdict = verify(path)
+    assert verdict.ok and verdict.entries == 3 and verdict.torn_tail
+    assert summarise(path)["messages"] == 3
+
+    # the restarted device drops the unfinished line and continues the chain
+    AuditLog(path).append({"message_type": "train", "bytes": 7, "blocked": False})
+    verdict = verify(path)
+    assert verdict.ok and verdict.entries == 4 and not verdict.torn_tail
+    assert json.loads(path.read_text().splitlines()[-1])["seq"] == 3
+
+
+def _append_then_die(path: Path, kind: str, n: int) -> None:
+    log = AuditLog(path, sync_interval=60.0)  # nothing reaches fsync before the crash
+    for record in _entries(n, kind):
+        log.append(record)
+    os._exit(0)  # a crash: no close, no exit handlers
+
+
+def test_entries_of_sent_messages_survive_a_crash_of_the_device_process(tmp_path: Path) -> None:
+    path = tmp_path / "d.audit.jsonl"
+    child = multiprocessing.get_context("fork").Process(target=_append_then_die, args=(path, "train", 5))
+    child.start()
+    child.join()
+    verdict = verify(path)
+    assert verdict.ok and verdict.entries == 5
+
+
+def test_processes_serving_one_device_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "d.audit.jsonl"
+    AuditLog(path).append({"message_type": "query", "bytes": 1, "blocked": False})
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_then_die, args=(path, kind, 30)) for kind in ("train", "evaluate")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    verdict = verify(path)
+    assert verdict.ok and verdict.entries == 61, verdict
+    assert summarise(path)["by_type"] == {"query": 1, "train": 30, "evaluate": 30}
+
+
+def test_audit_log_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sync_interval must be >= 0"):
+        AuditLog(tmp_path / "a.jsonl", sync_interval=-1)
+    path = tmp_path / "b.jsonl"
+    path.write_text("not an entry\n")
+    with pytest.raises(ValueError, match="last line is not an audit entry"):
+        AuditLog(path)
