@@ -75,17 +75,36 @@ def _number(config: ConfigRecord, key: str, default: float | None = None) -> flo
     return value
 
 
+def _ticks(config: ConfigRecord, key: str) -> list[int]:
+    value = config.get(key, [])
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        raise TypeError(f"message config {key!r}: expected a list of ticks, got {value!r}")
+    return [int(t) for t in items]  # type: ignore[arg-type]
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Monitoring tick: deploy the champion if sent, test-then-store new rows, report drift."""
+    """Monitoring tick: catch up missed ticks, deploy the champion if sent, report drift.
+
+    The reply carries this tick's report and the outbox's older reports the
+    server has not acknowledged (store and forward), each with its own tick.
+    """
     device = device_for(context)
     config = msg.content.config_records[p.CONFIG]
+    tick = int(_number(config, p.TICK))
+    device.acknowledge(_ticks(config, p.REPORTS_RECEIVED))
+    # Ticks missed while unreachable are tested with the model the device had then.
+    device.catch_up(tick)
     if p.ARRAYS in msg.content.array_records:
         version = int(_number(config, p.CHAMPION_VERSION))
         family = int(_number(config, p.MODEL_FAMILY)) if p.MODEL_FAMILY in config else None
         device.deploy(version, from_arrays(msg.content.array_records[p.ARRAYS]), family)
-    report = device.monitor_tick(int(_number(config, p.TICK)))
-    return Message(RecordDict({p.REPORT: ConfigRecord(report.to_dict())}), reply_to=msg)
+    report = device.report_for(tick)
+    content = RecordDict({p.REPORT: ConfigRecord(report.to_dict())})
+    for slot, late in enumerate(device.backlog(tick)):
+        content[p.late_report(slot)] = ConfigRecord(late.to_dict())
+    return Message(content, reply_to=msg)
 
 
 @app.train()

@@ -1,8 +1,15 @@
 """A device: its store, its drift monitor, its local data and the deployed model.
 
 :class:`Device` is what the Flower ClientApp's handlers call. Every piece of
-state that must outlive a restart (window, detector, deployed model, counters)
-is written to the :class:`~clients.store.DeviceStore` before a reply leaves.
+state that must outlive a restart (window, detector, deployed model, counters,
+the reports the server has not acknowledged) is written to the
+:class:`~clients.store.DeviceStore` before a reply leaves.
+
+Store and forward: each monitored tick's report waits in the store's outbox
+until the server acknowledges it. A device that was unreachable for some ticks
+monitors them when it is polled again (:meth:`Device.catch_up`: each missed
+tick's rows from its inbox, with the model it had then), and its reply carries
+those reports, each marked with its own tick.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ from clients.validation import validate_rows
 from fedge import model as nets
 from fedge.compression import encode_update
 from fedge.config import FedgeConfig
-from fedge.protocol import DriftReport
+from fedge.protocol import MAX_LATE_REPORTS, DriftReport
 from fedge.scenarios import Scenario, build_scenario
 
 log = logging.getLogger("fedge.device")
@@ -35,6 +42,8 @@ GENERATION_KEY = "generation"
 RESIDUAL_KEY = "upload-residual"
 FAMILY_KEY = "model-family"
 INBOX_CURSOR_KEY = "inbox-cursor"
+LAST_TICK_KEY = "last-tick"
+LAST_REPORT_KEY = "last-report"
 
 torch.set_num_threads(1)
 
@@ -179,7 +188,7 @@ class Device:
             update = self.monitor.update(errors)
             drift, n_drifts = update.drift, update.n_drifts
         self.counters["rejected_total"] += rejected["total"]
-        # Window, detector and counters move together or not at all.
+        # Window, detector, counters and the outbox move together or not at all.
         with self.store.transaction():
             if drift and self.cfg.monitor.reset_window_on_drift:
                 # The window is the training data of the next campaign: keep only
@@ -188,6 +197,21 @@ class Device:
             self.store.append(rows.x, rows.y, tick)
             if ingested is not None and not ingested.empty:
                 self.store.put_state(INBOX_CURSOR_KEY, str(ingested.last_batch_id).encode())
+            report = DriftReport(
+                device=self.device_id,
+                tick=tick,
+                model_version=self.version,
+                n_samples=len(rows.y),
+                n_errors=n_errors,
+                drift=drift,
+                n_drifts=n_drifts,
+                drifts_total=self.monitor.drifts_total,
+                window_size=len(self.store),
+                rejected_non_finite=rejected["non_finite"],
+                rejected_wrong_width=rejected["wrong_width"],
+                rejected_unknown_label=rejected["unknown_label"],
+            )
+            self._record(report)
             self._persist()
         if ingested is not None and not ingested.empty:
             # Taken batches are in the store now; the inbox stays small.
@@ -195,20 +219,96 @@ class Device:
                 inbox.prune(ingested.last_batch_id)
         if rejected["total"]:
             log.info("device %d tick %d: rejected %s", self.device_id, tick, rejected)
+        return report
+
+    # -- store and forward -------------------------------------------------------------------
+    @property
+    def last_tick(self) -> int | None:
+        """The latest tick this device monitored (None before the first)."""
+        raw = self.store.get_state(LAST_TICK_KEY)
+        return int(raw) if raw else None
+
+    def _record(self, report: DriftReport) -> None:
+        """Keep the report in the outbox until the server acknowledges it."""
+        data = report.to_dict()
+        dropped = self.store.put_report(report.tick, data)
+        if dropped:
+            self.counters["reports_dropped"] = self.counters.get("reports_dropped", 0) + dropped
+        last = self.last_tick
+        if last is None or report.tick >= last:
+            self.store.put_state(LAST_TICK_KEY, str(report.tick).encode())
+            self.store.put_state(LAST_REPORT_KEY, json.dumps(data).encode())
+
+    def catch_up(self, tick: int) -> list[DriftReport]:
+        """Monitor the ticks missed since the last one, oldest first, before ``tick``.
+
+        A device that was unreachable still has its rows (in its inbox, or from its
+        sensor); each missed tick is tested with the model the device had then,
+        exactly as if it had been polled, and its report waits in the outbox.
+        A device that never monitored anything has nothing to catch up.
+        """
+        last = self.last_tick
+        if last is None or tick <= last + 1:
+            return []
+        missed = [self.monitor_tick(t) for t in range(last + 1, tick)]
+        log.info(
+            "device %d: monitored ticks %d-%d missed while unreachable",
+            self.device_id,
+            last + 1,
+            tick - 1,
+        )
+        return missed
+
+    def report_for(self, tick: int) -> DriftReport:
+        """This tick's report: monitored once; a repeated poll gets the same report.
+
+        A server that restarts polls the tick it had not finished again; the device
+        answers with what it reported then instead of monitoring the tick twice.
+        """
+        last = self.last_tick
+        if last is None or tick > last:
+            return self.monitor_tick(tick)
+        stored = self.store.get_report(tick)
+        if stored is None and tick == last:
+            raw = self.store.get_state(LAST_REPORT_KEY)
+            stored = json.loads(raw) if raw else None
+        if stored is not None:
+            return DriftReport.from_dict(stored)
+        log.warning(
+            "device %d: tick %d was monitored before (latest %d) and its report was "
+            "acknowledged; reporting no new samples",
+            self.device_id,
+            tick,
+            last,
+        )
         return DriftReport(
             device=self.device_id,
             tick=tick,
             model_version=self.version,
-            n_samples=len(rows.y),
-            n_errors=n_errors,
-            drift=drift,
-            n_drifts=n_drifts,
+            n_samples=0,
+            n_errors=0,
+            drift=False,
+            n_drifts=0,
             drifts_total=self.monitor.drifts_total,
             window_size=len(self.store),
-            rejected_non_finite=rejected["non_finite"],
-            rejected_wrong_width=rejected["wrong_width"],
-            rejected_unknown_label=rejected["unknown_label"],
         )
+
+    def backlog(self, current: int, limit: int = MAX_LATE_REPORTS) -> list[DriftReport]:
+        """Reports still waiting for an acknowledgement, oldest first, except ``current``'s."""
+        out = []
+        for data in self.store.pending_reports(limit + 1):
+            try:
+                report = DriftReport.from_dict(data)
+            except ValueError as exc:  # a store written by another version: skip, keep going
+                log.warning("device %d: unreadable report in the outbox: %s", self.device_id, exc)
+                continue
+            if report.tick != current:
+                out.append(report)
+        return out[:limit]
+
+    def acknowledge(self, ticks: Iterable[int]) -> int:
+        """Drop the reports the server says it received; returns how many were waiting."""
+        return self.store.ack_reports(ticks)
 
     def _persist(self) -> None:
         self.store.put_state(MONITOR_KEY, self.monitor.to_bytes())

@@ -1,8 +1,9 @@
 """On-device store: one SQLite file per node holding what the device must remember.
 
 It keeps the most recent samples (the window the device trains and checks on), small
-state blobs (e.g. the drift monitor) and the deployed model. Nothing here is sent
-anywhere; the file lives next to the data.
+state blobs (e.g. the drift monitor), the deployed model and the outbox of drift
+reports the server has not acknowledged yet (store and forward). Samples never leave;
+the file lives next to the data.
 
 Every write is one SQLite transaction in WAL mode, so a crash or power cut leaves
 either the old or the new state, never a mix. A file that is not a readable store is
@@ -12,13 +13,14 @@ moved aside and replaced by a fresh one rather than stopping the device.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +46,11 @@ _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS model (slot INTEGER PRIMARY KEY CHECK (slot = 0),"
         " version INTEGER NOT NULL, arrays BLOB NOT NULL)"
     ),
+    "CREATE TABLE IF NOT EXISTS outbox (tick INTEGER PRIMARY KEY, report TEXT NOT NULL)",
 )
+
+#: Reports kept in the outbox at most; beyond it the oldest are dropped (and counted).
+OUTBOX_CAPACITY = 10_000
 
 
 class _UnusableStoreError(Exception):
@@ -66,6 +72,8 @@ class DeviceStore:
     n_features, default=None
         Width of a sample row. ``None`` takes it from the existing store, or from the
         first :meth:`append`.
+    outbox_capacity, default=10000
+        Unacknowledged reports kept; the oldest beyond it are dropped with a warning.
 
     Raises
     ------
@@ -87,7 +95,11 @@ class DeviceStore:
     """
 
     def __init__(
-        self, path: str | Path, capacity: int = 1000, n_features: int | None = None
+        self,
+        path: str | Path,
+        capacity: int = 1000,
+        n_features: int | None = None,
+        outbox_capacity: int = OUTBOX_CAPACITY,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
             raise TypeError(f"store.capacity must be an int, got {capacity!r}")
@@ -99,6 +111,10 @@ class DeviceStore:
             raise TypeError(f"store.n_features must be an int or None, got {n_features!r}")
         if n_features is not None and n_features < 1:
             raise ValueError(f"store.n_features must be >= 1, got {n_features}")
+        outbox_capacity = _as_int(outbox_capacity, "store.outbox_capacity")
+        if outbox_capacity < 1:
+            raise ValueError(f"store.outbox_capacity must be >= 1, got {outbox_capacity}")
+        self._outbox_capacity = outbox_capacity
 
         self._path = Path(path)
         self._capacity = int(capacity)
@@ -340,6 +356,83 @@ class DeviceStore:
         with np.load(io.BytesIO(row[1]), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         return int(row[0]), arrays
+
+    # -- outbox: reports waiting for the server's acknowledgement -----------------------------
+    def put_report(self, tick: int, report: Mapping[str, int | bool]) -> int:
+        """Keep the report of ``tick`` until the server acknowledges it.
+
+        A report of the same tick replaces the earlier one. Beyond the outbox capacity
+        the oldest reports are dropped (a warning says how many).
+
+        Parameters
+        ----------
+        tick
+            Monitoring tick the report belongs to.
+        report
+            Its fields: scalars only (what :class:`fedge.protocol.DriftReport` holds).
+
+        Returns
+        -------
+        int
+            Reports dropped to stay within capacity (0 normally).
+        """
+        tick = _as_int(tick, "store.put_report: tick")
+        if any(not isinstance(v, bool | int | float) for v in report.values()):
+            raise TypeError("store.put_report: report values must be scalars")
+        text = json.dumps(dict(report), sort_keys=True)
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO outbox (tick, report) VALUES (?, ?)", (tick, text))
+            row = conn.execute(
+                "SELECT tick FROM outbox ORDER BY tick DESC LIMIT 1 OFFSET ?",
+                (self._outbox_capacity,),
+            ).fetchone()
+            dropped = 0
+            if row is not None:
+                dropped = conn.execute("DELETE FROM outbox WHERE tick <= ?", (row[0],)).rowcount
+        if dropped:
+            logger.warning(
+                "device store %s: outbox full (%d reports); dropped the %d oldest",
+                self._path,
+                self._outbox_capacity,
+                dropped,
+            )
+        return int(dropped)
+
+    def pending_reports(self, limit: int | None = None) -> list[dict[str, int | bool]]:
+        """Reports not acknowledged yet, oldest tick first (at most ``limit``)."""
+        query = "SELECT report FROM outbox ORDER BY tick"
+        params: tuple[int, ...] = ()
+        if limit is not None:
+            query += " LIMIT ?"
+            params = (max(0, int(limit)),)
+        with self._lock:
+            rows = self._connection().execute(query, params).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def get_report(self, tick: int) -> dict[str, int | bool] | None:
+        """The waiting report of ``tick``, or ``None`` (never sent, or acknowledged)."""
+        with self._lock:
+            row = (
+                self._connection()
+                .execute("SELECT report FROM outbox WHERE tick = ?", (int(tick),))
+                .fetchone()
+            )
+        return None if row is None else dict(json.loads(row[0]))
+
+    def ack_reports(self, ticks: Iterable[int]) -> int:
+        """Drop the reports the server acknowledged; returns how many were waiting."""
+        wanted = [(int(t),) for t in ticks]
+        if not wanted:
+            return 0
+        with self._transaction() as conn:
+            cursor = conn.executemany("DELETE FROM outbox WHERE tick = ?", wanted)
+        return int(cursor.rowcount)
+
+    def outbox_size(self) -> int:
+        """Reports waiting for an acknowledgement."""
+        with self._lock:
+            (count,) = self._connection().execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(count)
 
     def close(self) -> None:
         """Close the file; calling it again does nothing."""

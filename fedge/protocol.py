@@ -18,6 +18,14 @@ scores     in service), ``config`` (tick)          ``correct-7``: how many of th
                                                    latest samples each model gets right)
 ========== ======================================= ==========================================
 
+Store and forward: every report waits in the device's outbox until the server
+acknowledges it. A ``query`` reply carries, beside the current ``report``, up to
+:data:`MAX_LATE_REPORTS` older reports still waiting (``late-0``, ``late-1``, ...;
+each a :class:`DriftReport` of the tick it belongs to: ticks the device monitored
+while it was unreachable, or whose reply was lost). The next ``query`` carries
+``reports-received``, the ticks of the reports the server got from that device,
+and the device drops them from its outbox; what was not acknowledged is sent again.
+
 With several models in service (one per cluster of devices), ``query`` also
 carries ``model-family``: the cluster the sent model belongs to. A device
 restarts its drift detector only when the family changes, so a model that is
@@ -57,6 +65,20 @@ SEED = "seed"
 #: campaigns average unweighted, the average the noise is calibrated to).
 EQUAL_WEIGHTS = "equal-weights"
 MODEL_FAMILY = "model-family"
+#: Query config: ticks of the reports the server received from this device in its
+#: previous reply; the device drops them from its outbox (a list of ints).
+REPORTS_RECEIVED = "reports-received"
+
+#: Most outbox reports one ``query`` reply carries beside the current one.
+MAX_LATE_REPORTS = 16
+
+
+def late_report(slot: int) -> str:
+    """Config record name of the outbox report in ``slot`` of a ``query`` reply."""
+    return f"late-{slot}"
+
+
+LATE_REPORTS: tuple[str, ...] = tuple(late_report(i) for i in range(MAX_LATE_REPORTS))
 
 #: Action of the ``evaluate`` message that scores several models on a device's latest samples.
 SCORES = "scores"
@@ -167,7 +189,10 @@ REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DriftReport))
 #: (scalars only). Array records must mirror the names and shapes of the model
 #: the server sent in the same exchange; nothing else may leave.
 EGRESS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    "query": {REPORT: ("config", REPORT_FIELDS)},
+    "query": {
+        REPORT: ("config", REPORT_FIELDS),
+        **{name: ("config", REPORT_FIELDS) for name in LATE_REPORTS},
+    },
     "train": {ARRAYS: ("arrays", ()), METRICS: ("metrics", DEVICE_METRICS["train"])},
     "evaluate": {METRICS: ("metrics", DEVICE_METRICS["evaluate"])},
 }
