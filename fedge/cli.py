@@ -167,8 +167,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     for r in s.get("refused", []):
         reasons.setdefault(r["reason"], []).append(r["tick"])
     for reason, ticks in reasons.items():
-        where = ", ".join(str(t) for t in ticks)
-        console.print(f"[red]No campaign[/] at tick {where}: {reason}", highlight=False)
+        from fedge.report import tick_ranges
+
+        console.print(f"[red]No campaign[/] at ticks {tick_ranges(ticks)}: {reason}", highlight=False)
     budget = s.get("privacy_budget")
     if budget:
         console.print(

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedge.audit import summarise, verify
 from fedge.protocol import EGRESS
+from fedge.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 
 def pseudonym(device: int | str, salt: str) -> str:
@@ -81,9 +82,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         for name, (rkind, keys) in records.items():
             allowed = ", ".join(keys) if keys else "names and shapes of the model received"
             lines.append(f"| {kind} | {name} | {rkind} | {allowed} |")
+    for kind, keys in SECAGG_REPLIES.items():
+        lines.append(
+            f"| {kind} | secagg | config | {', '.join(keys)} (public keys and encrypted shares "
+            "of secure aggregation) |"
+        )
     lines += [
         "",
         "Everything else is blocked on the device and recorded in its audit log.",
+        "",
+        "## Privacy",
+        "",
+        *_privacy_lines(s),
         "",
         "## Model versions",
         "",
@@ -119,6 +129,48 @@ def render_markdown(data: dict[str, Any]) -> str:
         for b in d.get("blocked", []):
             lines.append(f"- {d['device']} entry {b['seq']}: {'; '.join(b['violations'])}")
     return "\n".join(lines) + "\n"
+
+
+def tick_ranges(ticks: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2, 5, 7-8``."""
+    parts: list[str] = []
+    for t in sorted(set(ticks)):
+        if parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == t - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{t}"
+        elif parts and "-" not in parts[-1] and int(parts[-1]) == t - 1:
+            parts[-1] = f"{parts[-1]}-{t}"
+        else:
+            parts.append(str(t))
+    return ", ".join(parts)
+
+
+def _privacy_lines(s: dict[str, Any]) -> list[str]:
+    """The run's privacy settings, budget and refused campaigns, for people."""
+    flat = s.get("config", {})
+    secure = flat.get("privacy.secure_aggregation", False)
+    dp = flat.get("privacy.dp", "none")
+    lines = [
+        "- Secure aggregation: "
+        + (
+            f"on (SecAgg+, shares {flat.get('privacy.secagg_shares')}, threshold "
+            f"{flat.get('privacy.secagg_threshold')}): the server held masked updates and their sum only."
+            if secure
+            else "off: the server saw each device's update."
+        ),
+        f"- Differential privacy: {dp}.",
+    ]
+    budget = s.get("privacy_budget")
+    if budget:
+        lines.append(
+            f"- Epsilon spent: {budget['epsilon_spent']:.4f} of {budget['epsilon_limit']:g} "
+            f"at delta {budget['delta']:g} ({len(budget['campaigns'])} DP campaigns in this run, "
+            "composed with the lineage's earlier ones)."
+        )
+    refused = s.get("refused", [])
+    if refused:
+        ticks = tick_ranges([r["tick"] for r in refused])
+        lines.append(f"- Campaigns not started (ticks {ticks}): {refused[-1]['reason']}")
+    return lines
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:

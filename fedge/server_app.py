@@ -461,6 +461,7 @@ def build_summary(
         ],
         "rejected_rows": sum(t.rejected for t in record.ticks),
         "refused": list(record.refused),
+        "config": cfg.flat(),
     }
 
 

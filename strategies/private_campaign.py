@@ -41,6 +41,22 @@ MIN_SECURE_DEVICES = 3
 CENTRAL = ("central-server", "central-client")
 
 
+class _OneSecureReply(logging.Filter):
+    """Drops Flower's DP-wrapper warning about the reply count under secure aggregation.
+
+    The wrapper warns when fewer replies come back than devices were sampled;
+    a ``SecAggGrid`` always returns one reply (the unmasked sum) for all of
+    them. The noise is calibrated to ``num_sampled_clients`` given at
+    construction, so the warning does not apply.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "differs from the number of sampled clients" not in record.getMessage()
+
+
+_FLWR_FILTER = _OneSecureReply()
+
+
 def equal_weights(privacy: PrivacyConfig) -> bool:
     """True when campaigns average the devices' updates unweighted (central DP)."""
     return privacy.dp in CENTRAL
@@ -132,6 +148,8 @@ class PrivateCampaigns:
             )
         if self.secagg is not None:
             grid = SecAggGrid(grid, nodes, self.secagg)
+            if self.dp in CENTRAL:
+                logging.getLogger("flwr").addFilter(_FLWR_FILTER)
         return strategy, grid
 
     # -- after a campaign ------------------------------------------------------------------

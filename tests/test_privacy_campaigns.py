@@ -124,6 +124,11 @@ def test_central_dp_budget_charges_each_version_refuses_when_spent_and_survives_
     assert [r["tick"] for r in refused] == list(range(1, 8))
     assert summary["privacy_budget"]["epsilon_spent"] == pytest.approx(initial, abs=1e-4)
 
+    report = write_report(tmp_path / "run").read_text()
+    assert f"Epsilon spent: {initial:.4f} of {limit:g} at delta 1e-05" in report
+    assert "Campaigns not started (ticks 1-7): privacy budget" in report
+    assert "Secure aggregation: on (SecAgg+" in report
+
     client = mlflow.MlflowClient(summary["tracking_uri"])
     spent = client.get_metric_history(summary["run_id"], "privacy/epsilon_spent")
     assert [m.value for m in spent] == pytest.approx([initial], abs=1e-4)
