@@ -19,7 +19,7 @@ from fedge import model as nets
 from fedge import protocol as p
 from fedge.multimodel import Scores
 from fedge.orchestrator import CampaignOutcome, RoundMetrics
-from fedge.server_app import POLL_TIMEOUT, DeviceGrid, FlowerFederation, MlflowRegistry
+from fedge.server_app import DeviceGrid, FlowerFederation, MlflowRegistry
 from fedge.wire import from_arrays, to_arrays
 from strategies.clustered_fedavg import SEPARATOR, ClusteredFedAvg, pack_models, unpack_models
 
@@ -69,7 +69,7 @@ class ClusterFederation(FlowerFederation):
         ]
         device_of = {node: device for device, node in self.node_of.items()}
         out: Scores = {}
-        for reply in self.grid.send_and_receive(messages, timeout=POLL_TIMEOUT):
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.run.reply_timeout):
             device = device_of.get(reply.metadata.src_node_id)
             if device is None or reply.has_error():
                 continue
@@ -125,7 +125,7 @@ class ClusterFederation(FlowerFederation):
             num_rounds=rounds,
             train_config=train_config,
             evaluate_config=ConfigRecord({p.TICK: tick}),
-            timeout=POLL_TIMEOUT,
+            timeout=self.cfg.run.reply_timeout,
         )
         final = unpack_models(result.arrays)
         train, ev = result.train_metrics_clientapp, result.evaluate_metrics_clientapp

@@ -4,12 +4,26 @@ The :class:`Orchestrator` drives one run tick by tick. It knows the devices
 only through a :class:`Federation` (Flower in production, anything in tests),
 the model registry through a :class:`Registry` and metrics through a
 :class:`Tracker`; it imports neither Flower nor MLflow.
+
+Faults it survives:
+
+- **A restart.** With a :class:`StateStore` the orchestrator saves its counters
+  after every tick (last tick, rounds, last campaign, champion, last registered
+  version). Restarted on the same run with ``resume``, it continues at the next
+  tick; a campaign whose model version landed in the registry before the crash
+  (found by the run's ``fedge.run_key`` tag) is adopted, never registered again.
+- **Late reports.** A device that was unreachable delivers the reports of the
+  ticks it missed when it returns (store and forward, see
+  :mod:`fedge.protocol`). They are logged as late reports of their own ticks,
+  and a drift among them that no campaign has answered yet counts for the
+  device at the tick they arrive.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -97,6 +111,23 @@ class Registry(Protocol):
         ...
 
 
+class StateStore(Protocol):
+    """Where the orchestrator keeps its counters between restarts (e.g. a JSON file)."""
+
+    def load(self) -> Mapping[str, Any] | None:
+        """The saved state, or None when there is none."""
+        ...
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        """Replace the saved state at once (a crash leaves the old or the new one)."""
+        ...
+
+
+#: Version tag naming the run (across restarts) a model version was registered by.
+RUN_KEY_TAG = "fedge.run_key"
+STATE_FORMAT = 1
+
+
 class Tracker(Protocol):
     """Metrics and events of the run."""
 
@@ -137,6 +168,19 @@ class TickRecord:
     champion: int
     #: Why a triggered campaign did not start (e.g. the privacy budget), else empty.
     refused: str = ""
+    #: Reports of earlier ticks that arrived with this tick's poll (store and forward).
+    late_reports: int = 0
+
+
+@dataclass(frozen=True)
+class LateRecord:
+    """Reports of one tick that arrived at a later tick."""
+
+    tick: int
+    arrived: int
+    devices: tuple[int, ...]
+    accuracy: float | None
+    drifted: tuple[int, ...]
 
 
 @dataclass
@@ -148,6 +192,11 @@ class RunRecord:
     champion: int = 0
     resumed_from: int = 0
     refused: list[dict[str, Any]] = field(default_factory=list)
+    late: list[LateRecord] = field(default_factory=list)
+    #: First tick this process ran when it resumed an interrupted run, else None.
+    resumed_at: int | None = None
+    #: Campaigns whose version landed before a restart and were adopted, not rerun.
+    recovered: list[dict[str, Any]] = field(default_factory=list)
 
     def accuracy(self, tick: int) -> float | None:
         """Prequential accuracy at ``tick`` (None before any model)."""
@@ -164,6 +213,9 @@ class RunRecord:
             "champion": self.champion,
             "resumed_from": self.resumed_from,
             "refused": list(self.refused),
+            "late": [asdict(r) for r in self.late],
+            "resumed_at": self.resumed_at,
+            "recovered": list(self.recovered),
         }
 
 
@@ -206,6 +258,11 @@ class Orchestrator:
         the seeded initial weights (False: the old concept is forgotten at once).
     on_tick : callable, optional
         Called with each :class:`TickRecord` (progress display).
+    state : StateStore, optional
+        Saved after every tick; with ``resume``, an unfinished run of the same
+        ``run_id`` continues from it.
+    run_id : str, default ""
+        What identifies this run across restarts (the run folder).
     """
 
     def __init__(
@@ -224,6 +281,8 @@ class Orchestrator:
         resume: bool = True,
         warm_start: bool = True,
         on_tick: Callable[[TickRecord, CampaignRecord | None], None] | None = None,
+        state: StateStore | None = None,
+        run_id: str = "",
     ) -> None:
         if participants not in ("all", "drifted"):
             raise ValueError(f"campaign.participants: {participants!r}; allowed: all, drifted")
@@ -245,23 +304,192 @@ class Orchestrator:
         self.last_campaign: int | None = None
         self.rounds_done = 0
         self.last_refusal = ""
+        self.state = state
+        self.run_id = run_id
+        self.run_key = uuid.uuid4().hex
+        self.last_tick: int | None = None
+        self.last_registered = 0
 
     def run(self, ticks: Sequence[int]) -> RunRecord:
-        """Run the given monitoring ticks and return the record."""
+        """Run the given monitoring ticks and return the record.
+
+        An interrupted run of the same ``run_id`` (see ``state``) continues after
+        the last tick it finished.
+        """
+        todo = self._restore(list(ticks))
         if self.resume and self.champion is None:
             self.champion = self.registry.champion()
             if self.champion is not None:
                 self.record.resumed_from = self.champion[0]
                 self.record.champion = self.champion[0]
-        for tick in ticks:
+        for tick in todo:
             self.step(tick)
+        self._save(finished=True)
         return self.record
+
+    # -- persisted state ---------------------------------------------------------------------
+    def snapshot(self, finished: bool = False) -> dict[str, Any]:
+        """The counters a restarted orchestrator needs, JSON-ready."""
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "run_id": self.run_id,
+            "run_key": self.run_key,
+            "tick": self.last_tick,
+            "finished": finished,
+            "rounds_done": self.rounds_done,
+            "last_campaign": self.last_campaign,
+            "champion": self.champion[0] if self.champion else 0,
+            "last_registered": self.last_registered,
+            "policy": repr(self.policy),
+        }
+        checkpoint = getattr(self.federation, "checkpoint", None)
+        if callable(checkpoint):
+            state["federation"] = checkpoint()
+        return state
+
+    def _save(self, finished: bool = False) -> None:
+        if self.state is not None:
+            self.state.save(self.snapshot(finished))
+
+    def _restore(self, ticks: list[int]) -> list[int]:
+        """Continue an interrupted run from the saved state; returns the ticks left."""
+        saved = self.state.load() if self.state is not None and self.resume else None
+        if not saved:
+            return ticks
+        if saved.get("format") != STATE_FORMAT or saved.get("finished", True):
+            return ticks
+        if saved.get("run_id") != self.run_id:
+            log.info(
+                "the last run of this model (%s) stopped after tick %s; this is a new run",
+                saved.get("run_id"),
+                saved.get("tick"),
+            )
+            return ticks
+        self.run_key = str(saved["run_key"])
+        self.rounds_done = int(saved.get("rounds_done", 0))
+        last = saved.get("last_campaign")
+        self.last_campaign = None if last is None else int(last)
+        self.last_registered = int(saved.get("last_registered", 0))
+        done = saved.get("tick")
+        restore = getattr(self.federation, "restore", None)
+        if callable(restore) and isinstance(saved.get("federation"), Mapping):
+            restore(saved["federation"])
+        done = self._adopt_landed(-1 if done is None else int(done))
+        self.last_tick = done if done >= 0 else None
+        left = [t for t in ticks if t > done]
+        self.record.resumed_at = left[0] if left else None
+        log.info(
+            "resuming the run after tick %d: %d rounds done, last campaign at tick %s, "
+            "last registered version %d",
+            done,
+            self.rounds_done,
+            self.last_campaign,
+            self.last_registered,
+        )
+        self.tracker.log_event(
+            "resumed",
+            done + 1,
+            {
+                "after_tick": done,
+                "rounds_done": self.rounds_done,
+                "last_campaign": self.last_campaign,
+                "last_registered": self.last_registered,
+                "recovered": list(self.record.recovered),
+            },
+        )
+        return left
+
+    def _adopt_landed(self, done: int) -> int:
+        """Adopt versions this run registered after its last saved tick (crash before the save).
+
+        Returns the last finished tick: the tick of an adopted campaign is finished.
+        """
+        listing = getattr(self.registry, "versions", None)
+        if not callable(listing):
+            return done
+        landed = sorted(
+            (int(v["version"]), dict(v.get("tags", {})))
+            for v in listing()
+            if dict(v.get("tags", {})).get(RUN_KEY_TAG) == self.run_key
+            and int(v["version"]) > self.last_registered
+        )
+        for version, tags in landed:
+            tick = int(tags.get("fedge.trigger_tick", done))
+            self.last_registered = version
+            self.rounds_done += int(tags.get("fedge.campaign_rounds", 0))
+            self.last_campaign = tick
+            if tags.get("fedge.promoted") == "true":
+                self.registry.promote(version)  # idempotent: the alias may have moved already
+            done = max(done, tick)
+            self.record.recovered.append({"tick": tick, "version": version})
+            log.warning(
+                "tick %d: campaign v%d was registered before the restart; adopted, not rerun",
+                tick,
+                version,
+            )
+        return done
+
+    # -- late reports ------------------------------------------------------------------------
+    def _late_reports(self) -> list[DriftReport]:
+        take = getattr(self.federation, "late_reports", None)
+        return list(take()) if callable(take) else []
+
+    def _record_late(self, tick: int, late: Sequence[DriftReport]) -> None:
+        """Log reports of earlier ticks as late arrivals of their own ticks."""
+        by_tick: dict[int, list[DriftReport]] = {}
+        for report in late:
+            by_tick.setdefault(report.tick, []).append(report)
+        for t, group in sorted(by_tick.items()):
+            acc = tick_accuracy(group)
+            rec = LateRecord(
+                tick=t,
+                arrived=tick,
+                devices=tuple(sorted(r.device for r in group)),
+                accuracy=acc,
+                drifted=tuple(sorted(r.device for r in group if r.drift)),
+            )
+            self.record.late.append(rec)
+            metrics = {
+                "late/devices": float(len(group)),
+                "late/drift_fraction": len(rec.drifted) / len(group),
+            }
+            if acc is not None:
+                metrics["late/prequential_accuracy"] = acc
+            self.tracker.log_metrics(metrics, step=t)
+        self.tracker.log_event(
+            "late_reports",
+            tick,
+            {"ticks": sorted(by_tick), "reports": [r.to_dict() for r in late]},
+        )
+        log.info(
+            "tick %d: %d late report(s) of tick(s) %s from device(s) %s",
+            tick,
+            len(late),
+            ", ".join(str(t) for t in sorted(by_tick)),
+            ", ".join(str(d) for d in sorted({r.device for r in late})),
+        )
+
+    def _current_state(
+        self, reports: Sequence[DriftReport], late: Sequence[DriftReport]
+    ) -> list[DriftReport]:
+        """Reports as the trigger sees them: a drift delivered late, not yet answered, counts."""
+        since = -1 if self.last_campaign is None else self.last_campaign
+        unanswered = {r.device for r in late if r.drift and r.tick > since}
+        return [
+            replace(r, drift=True) if r.device in unanswered and not r.drift else r for r in reports
+        ]
 
     def step(self, tick: int) -> TickRecord:
         """One tick: poll, decide, maybe run a campaign and the gate."""
         reports = self.federation.poll(tick, self.champion)
+        late = self._late_reports()
+        if late:
+            self._record_late(tick, late)
         decision = self.policy.decide(
-            tick, reports, has_model=self.champion is not None, last_campaign=self.last_campaign
+            tick,
+            self._current_state(reports, late),
+            has_model=self.champion is not None,
+            last_campaign=self.last_campaign,
         )
         acc = tick_accuracy(reports)
         rec = TickRecord(
@@ -272,6 +500,7 @@ class Orchestrator:
             rejected=sum(r.rejected for r in reports),
             n_samples=sum(r.n_samples for r in reports),
             champion=self.champion[0] if self.champion else 0,
+            late_reports=len(late),
         )
         self.record.ticks.append(rec)
         metrics = {
@@ -279,6 +508,7 @@ class Orchestrator:
             "rejected_rows": float(rec.rejected),
             "devices_reporting": float(len(reports)),
             "champion_version": float(rec.champion),
+            "late_reports": float(len(late)),
         }
         if acc is not None:
             metrics["prequential_accuracy"] = acc
@@ -291,6 +521,8 @@ class Orchestrator:
                 self._refused(tick, decision, str(exc))
                 rec = replace(rec, refused=str(exc))
                 self.record.ticks[-1] = rec
+        self.last_tick = tick
+        self._save()
         if self.on_tick is not None:
             self.on_tick(rec, campaign)
         return rec
@@ -339,11 +571,13 @@ class Orchestrator:
             "fedge.candidate_acc": f"{outcome.candidate_acc:.4f}",
             "fedge.champion_acc": f"{outcome.champion_acc:.4f}",
             "fedge.promoted": str(promoted).lower(),
+            RUN_KEY_TAG: self.run_key,
             **outcome.tags,
         }
         if outcome.metrics:
             self.tracker.log_metrics(dict(outcome.metrics), step=tick)
         version = self.registry.register(outcome.weights, tags)
+        self.last_registered = version
         if promoted:
             self.registry.promote(version)
             self.champion = (version, outcome.weights)

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 from fedge import model as nets
 from fedge import protocol as p
 from fedge.config import FedgeConfig
+from fedge.engines.quorum import ReplyQuorum, ShortRound
 from fedge.engines.view import GridView
 from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_history
 from fedge.orchestrator import (
@@ -43,6 +44,7 @@ from fedge.orchestrator import (
     drift_recoveries,
 )
 from fedge.scenarios import Scenario, build_scenario
+from fedge.state import JsonState, state_path
 from fedge.tracking import Tracker, default_tracking_uri, ui_command
 from fedge.triggers import make_policy
 from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
@@ -56,8 +58,6 @@ from strategies.screening import UpdateScreening
 log = logging.getLogger("fedge.server")
 
 app = ServerApp()
-
-POLL_TIMEOUT = 600.0
 
 
 class DeviceGrid(GridView):
@@ -85,12 +85,15 @@ class DeviceGrid(GridView):
 
 def make_strategy(cfg: FedgeConfig, n_devices: int) -> Strategy:
     """The configured Flower strategy, sized for a campaign over ``n_devices``."""
+    # Every device of the campaign is asked; a round counts when campaign.min_devices
+    # of them reply within run.reply_timeout (enforced by fedge.engines.quorum.ReplyQuorum).
+    quorum = min(cfg.campaign.min_devices, n_devices)
     common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": n_devices,
-        "min_evaluate_nodes": n_devices,
-        "min_available_nodes": n_devices,
+        "min_train_nodes": quorum,
+        "min_evaluate_nodes": quorum,
+        "min_available_nodes": quorum,
     }
     c = cfg.campaign
     strategy: Strategy
@@ -138,14 +141,35 @@ class FlowerFederation:
         self.node_of: dict[int, int] = {}
         self.deployed: dict[int, int] = {}
         self.privacy = PrivateCampaigns(cfg)
+        #: Per device, the ticks of the reports its last reply carried (acknowledged next poll).
+        self.received: dict[int, list[int]] = {}
+        self.late: list[p.DriftReport] = []
+        self._seen_late: dict[int, set[int]] = {}
+        self._joined = False
 
     def _nodes(self) -> list[int]:
-        deadline = time.monotonic() + POLL_TIMEOUT
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.expected or time.monotonic() > deadline:
-                return nodes
+        """The nodes to poll: those online now; the first poll waits for every device.
+
+        The first poll waits up to ``run.reply_timeout`` for all expected devices
+        to connect; later polls take whoever is online, so a dead device costs
+        no waiting (it delivers its reports when it is back).
+        """
+        nodes = sorted(self.grid.get_node_ids())
+        if self._joined:
+            return nodes
+        deadline = time.monotonic() + self.cfg.run.reply_timeout
+        while len(nodes) < self.expected and time.monotonic() < deadline:
             time.sleep(0.5)
+            nodes = sorted(self.grid.get_node_ids())
+        self._joined = True
+        if len(nodes) < self.expected:
+            log.warning(
+                "%d of %d devices online after %g s; polling those",
+                len(nodes),
+                self.expected,
+                self.cfg.run.reply_timeout,
+            )
+        return nodes
 
     def poll(self, tick: int, champion: tuple[int, nets.Weights] | None) -> list[p.DriftReport]:
         version = champion[0] if champion else 0
@@ -161,22 +185,83 @@ class FlowerFederation:
         return self._collect_reports(tick, messages)
 
     def _collect_reports(self, tick: int, messages: list[Message]) -> list[p.DriftReport]:
-        """Send the polls, read the reports; a bad reply is logged and skipped."""
+        """Send the polls, read the reports; a bad reply is logged and skipped, a silent node too.
+
+        Each query acknowledges the reports its device sent last time; the older
+        reports a reply carries (store and forward) are kept in :attr:`late`.
+        """
+        device_of = {node: device for device, node in self.node_of.items()}
+        for msg in messages:
+            acked = self.received.get(device_of.get(msg.metadata.dst_node_id, -1))
+            if acked:
+                msg.content.config_records[p.CONFIG][p.REPORTS_RECEIVED] = list(acked)
+        self.late = []
         reports = []
-        for reply in self.grid.send_and_receive(messages, timeout=POLL_TIMEOUT):
+        answered = set()
+        wait = self.cfg.run.reply_timeout
+        for reply in self.grid.send_and_receive(messages, timeout=wait):
             node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
                 log.warning("tick %d: node %s replied with an error: %s", tick, node, reply.error)
                 continue
             try:
                 report = p.DriftReport.from_dict(reply.content[p.REPORT])
-            except (KeyError, ValueError) as exc:
+                late = [
+                    p.DriftReport.from_dict(reply.content[name])
+                    for name in p.LATE_REPORTS
+                    if name in reply.content
+                ]
+            except (KeyError, ValueError, TypeError) as exc:
                 log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
                 continue
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
-            reports.append(report)
+            self.received[report.device] = [report.tick, *(r.tick for r in late)]
+            if report.tick != tick:
+                late.append(report)
+            else:
+                reports.append(report)
+            self.late += [r for r in late if self._first_delivery(report.device, r, tick)]
+        silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        if silent:
+            log.warning(
+                "tick %d: no reply within %g s from node %s; went on without it",
+                tick,
+                wait,
+                ", ".join(str(n) for n in silent),
+            )
         return sorted(reports, key=lambda r: r.device)
+
+    def _first_delivery(self, device: int, report: p.DriftReport, tick: int) -> bool:
+        """Whether a late report is new here (an unacknowledged one may come twice)."""
+        if report.device != device or report.tick >= tick:
+            return False
+        seen = self._seen_late.setdefault(device, set())
+        if report.tick in seen:
+            return False
+        seen.add(report.tick)
+        if len(seen) > 4096:
+            seen.discard(min(seen))
+        return True
+
+    def late_reports(self) -> list[p.DriftReport]:
+        """Reports of earlier ticks that arrived with the latest poll, by device and tick."""
+        return sorted(self.late, key=lambda r: (r.device, r.tick))
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What a restarted server needs to acknowledge the reports this one received."""
+        return {"received": {str(d): ticks for d, ticks in self.received.items()}}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take over :meth:`checkpoint` of a server that stopped."""
+        received = state.get("received", {})
+        if isinstance(received, Mapping):
+            self.received = {
+                int(d): [int(t) for t in ticks]
+                for d, ticks in received.items()
+                if isinstance(ticks, list)
+            }
 
     def campaign(
         self,
@@ -240,7 +325,7 @@ class FlowerFederation:
             num_rounds=rounds,
             train_config=train_config,
             evaluate_config=ConfigRecord({p.TICK: tick}),
-            timeout=POLL_TIMEOUT,
+            timeout=self.cfg.run.reply_timeout,
         )
 
 
@@ -268,6 +353,10 @@ class MlflowRegistry:
 
     def promote(self, version: int) -> None:
         self.tracker.set_champion(version)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every registered version with its tags (a resumed run looks for its own)."""
+        return self.tracker.versions()
 
     def champion(self) -> tuple[int, nets.Weights] | None:
         found = self.tracker.champion()
@@ -325,6 +414,14 @@ def run_server(
         tags={"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine},
     )
     status = "FAILED"
+    short_rounds: list[dict[str, Any]] = []
+
+    def on_short(short: ShortRound) -> None:
+        short_rounds.append(asdict(short))
+        tracker.log_event("round_short", short.tick, asdict(short))
+
+    # Every wait for devices is bounded by run.reply_timeout; rounds need campaign.min_devices.
+    grid = ReplyQuorum(grid, cfg.campaign.min_devices, cfg.run.reply_timeout, on_short)
     if cluster_policy is None and cfg.clustering.enabled:
         cluster_policy = DriftClustering(
             switch_margin=cfg.clustering.switch_margin,
@@ -370,11 +467,17 @@ def run_server(
             resume=cfg.run.resume,
             warm_start=cfg.campaign.warm_start,
             on_tick=on_tick or _log_tick,
+            state=JsonState(state_path(cfg.output_dir, cfg.model_name)),
+            run_id=str(folder),
         )
         record = orch.run(range(scenario.n_steps))
         summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.rounds_done
+        summary["resumed_at"] = record.resumed_at
+        summary["recovered"] = list(record.recovered)
+        summary["late_reports"] = [asdict(r) for r in record.late]
+        summary["short_rounds"] = short_rounds
         if federation.privacy.budget is not None:
             summary["privacy_budget"] = federation.privacy.budget.summary()
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
