@@ -46,6 +46,24 @@ def test_aggregate_arrayrecords_matches_flower_key_by_key() -> None:
         np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_large_updates_spanning_several_blocks_match_flower() -> None:
+    rng = np.random.default_rng(3)
+    size = (4 * 1024 * 1024) // 4 + 12_345  # more than one accumulator block, odd tail
+    replies = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(rng.standard_normal(size).astype(np.float32))}),
+                "metrics": MetricRecord({"num-examples": n}),
+            }
+        )
+        for n in (7, 1, 30)
+    ]
+    ours = aggregate_arrayrecords(replies, "num-examples")["w"].numpy()
+    flowers = flower_aggregate(replies, "num-examples")["w"].numpy()
+    assert ours.dtype == np.float32 and ours.shape == (size,)
+    np.testing.assert_allclose(ours, flowers, rtol=1e-6, atol=1e-6)
+
+
 def test_weighted_average_is_the_weighted_mean() -> None:
     a = {"w": np.array([1.0, 2.0], dtype=np.float32)}
     b = {"w": np.array([3.0, 6.0], dtype=np.float32)}
