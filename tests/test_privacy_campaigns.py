@@ -201,3 +201,32 @@ def test_privacy_settings_that_cannot_work_are_refused_in_one_line(
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_secure_aggregation_runs_on_flowers_simulation_engine_like_in_process(
+    tmp_path: Path,
+) -> None:
+    """The device keeps its protocol state in Flower's context between the four exchanges."""
+    from fedge.runner import RunRequest, quiet_tick
+    from fedge.runner import run as run_engine
+
+    results = {}
+    for engine in ("inprocess", "simulation"):
+        overrides = (
+            "scenario.clients=3",
+            "scenario.ticks=5",
+            "scenario.schedule.at=3",
+            "campaign.rounds=1",
+            "campaign.initial_rounds=2",
+            "privacy.secure_aggregation=true",
+            f'run.output_dir="{tmp_path / engine}"',
+        )
+        results[engine] = run_engine(RunRequest(None, overrides, engine), on_tick=quiet_tick)
+    ours, flower = results["inprocess"], results["simulation"]
+    assert [c["tick"] for c in flower["campaigns"]] == [c["tick"] for c in ours["campaigns"]] == [0, 3]
+    # Masks cancel exactly; only the quantiser's rounding may differ between engines.
+    assert [t["accuracy"] for t in flower["ticks"]] == pytest.approx(
+        [t["accuracy"] for t in ours["ticks"]], abs=0.02
+    )
+    for v in flower["versions"]:
+        assert v["tags"]["fedge.aggregation"] == "secagg+ (k=3 of 3, t=2)"
