@@ -231,11 +231,15 @@ def versions_cmd(
         console.print(f"No registered models at {uri}.")
         return
     table = Table(title=f"Model versions at {uri}", title_justify="left")
-    for col in ("model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run"):
+    private = any("fedge.aggregation" in v["tags"] for v in rows)
+    columns = ["model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run"]
+    if private:
+        columns += ["aggregation", "DP", "epsilon"]
+    for col in columns:
         table.add_column(col)
     for v in rows:
         tags = v["tags"]
-        table.add_row(
+        row = [
             str(v.get("name", model or "")),
             f"v{v['version']}",
             ", ".join(v["aliases"]),
@@ -244,7 +248,14 @@ def versions_cmd(
             tags.get("fedge.participating_devices", ""),
             tags.get("fedge.campaign_rounds", ""),
             str(v.get("run_id", ""))[:8],
-        )
+        ]
+        if private:
+            row += [
+                tags.get("fedge.aggregation", "plaintext"),
+                tags.get("fedge.dp", "none"),
+                tags.get("fedge.epsilon", "-"),
+            ]
+        table.add_row(*row)
     console.print(table)
 
 
