@@ -102,6 +102,8 @@ class InProcessGrid(Grid):
         self.on_exchange: Callable[[Message, Message], None] | None = None
         self.messages_sent = 0
         self.client_seconds = 0.0
+        #: Seconds the nodes' handlers took, per message type (``train``, ``evaluate``, ...).
+        self.client_seconds_by_type: dict[str, float] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._pool: _WorkerPool | None = None
@@ -150,6 +152,8 @@ class InProcessGrid(Grid):
             ]
         for msg, (reply, seconds) in zip(deliver, handled, strict=True):
             self.client_seconds += seconds
+            kind = msg.metadata.message_type
+            self.client_seconds_by_type[kind] = self.client_seconds_by_type.get(kind, 0.0) + seconds
             self.bytes_received += content_bytes(reply)
             reply.metadata.__dict__["_message_id"] = uuid4().hex
             if self.on_exchange is not None:
