@@ -407,9 +407,19 @@ class Orchestrator:
         listing = getattr(self.registry, "versions", None)
         if not callable(listing):
             return done
+        try:
+            versions = list(listing())
+        except Exception as exc:  # noqa: BLE001 - the registry may be unreachable right now
+            log.warning(
+                "cannot list the registry to find versions registered after tick %d (%s); "
+                "continuing from the saved state",
+                done,
+                " ".join(str(exc).split())[:200],
+            )
+            return done
         landed = sorted(
             (int(v["version"]), dict(v.get("tags", {})))
-            for v in listing()
+            for v in versions
             if dict(v.get("tags", {})).get(RUN_KEY_TAG) == self.run_key
             and int(v["version"]) > self.last_registered
         )

@@ -217,12 +217,17 @@ class FlowerFederation:
                 continue
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
+            # What its previous reply carried may come again (the acknowledgement was lost,
+            # or this server restarted before sending it).
+            before = set(self.received.get(report.device, []))
             self.received[report.device] = [report.tick, *(r.tick for r in late)]
             if report.tick != tick:
                 late.append(report)
             else:
                 reports.append(report)
-            self.late += [r for r in late if self._first_delivery(report.device, r, tick)]
+            self.late += [
+                r for r in late if r.tick not in before and self._first_delivery(report.device, r, tick)
+            ]
         silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
         if silent:
             log.warning(
@@ -604,6 +609,15 @@ def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path 
 def main(grid: Grid, context: Context) -> None:
     """ServerApp entry point for Flower's simulation and deployment engines."""
     logging.basicConfig(level=logging.INFO)
+    # The root logger may already be configured (and quiet) by an import; fedge's own
+    # lines (ticks, campaigns, devices that did not answer) must reach the run's log.
+    ours = logging.getLogger("fedge")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
     cfg = config_from_context(context)
     folder = run_dir(cfg, context)
     engine = str(context.run_config.get("engine", "flower"))

@@ -141,6 +141,10 @@ class LocalDeployment:
         self.supernodes: list[SuperNodeHandle] = []
         self.mlflow_url = ""
         self.mlflow: ManagedProcess | None = None
+        #: Where runs on this deployment are tracked (set by :func:`start_deployment`).
+        self.tracking_uri = ""
+        #: Node id the SuperLink gave each registered device (partition id -> node id).
+        self.node_ids: dict[int, int] = {}
         self.cli_home = self.folder / "cli"
         self.cli_home.mkdir(exist_ok=True)
         env = {
@@ -285,6 +289,7 @@ class LocalDeployment:
         insecure: bool | None = None,
         max_wait_time: float | None = None,
         name: str | None = None,
+        log_name: str | None = None,
     ) -> SuperNodeHandle:
         """Start one SuperNode with its node config and its own Runtime API port.
 
@@ -300,7 +305,9 @@ class LocalDeployment:
         max_wait_time : float, optional
             Give up connecting after this many seconds (default: retry forever).
         name : str, optional
-            Name of the log file; default ``supernode-<partition id>``.
+            Name of its folder (``FLWR_HOME``) and log file; default ``supernode-<partition id>``.
+        log_name : str, optional
+            Another name for the log file (a restarted node keeps its folder).
         """
         plain = self.tls is None if insecure is None else insecure
         label = name or f"supernode-{partition_id}"
@@ -323,10 +330,69 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(key.private)]
         if max_wait_time is not None:
             argv += ["--max-wait-time", str(max_wait_time), "--max-retries", "3"]
-        proc = self.group.start(label, argv, cwd=home, extra_env={"FLWR_HOME": str(home)})
+        proc = self.group.start(log_name or label, argv, cwd=home, extra_env={"FLWR_HOME": str(home)})
         handle = SuperNodeHandle(partition_id, proc, key, runtime_port)
         self.supernodes.append(handle)
         return handle
+
+    def supernode(self, partition_id: int) -> SuperNodeHandle:
+        """The running SuperNode of device ``partition_id``."""
+        for node in self.supernodes:
+            if node.partition_id == partition_id and node.process.running():
+                return node
+        raise DeployError(f"no running SuperNode for device {partition_id}")
+
+    def kill_supernode(self, partition_id: int) -> None:
+        """Kill a SuperNode and the ClientApp it is running, as a power cut would.
+
+        The SuperLink is not told; it finds out when the node's heartbeats stop.
+        The device's store and inbox stay on disk.
+        """
+        node = self.supernode(partition_id)
+        home = self.folder / f"supernode-{partition_id}"
+        self.group.kill(node.process, f"FLWR_HOME={home}")
+        self.supernodes.remove(node)
+
+    def node_status(self, node_id: int) -> str:
+        """What the SuperLink says about a registered node (``online``, ``offline``, ...)."""
+        for node in self.flwr("supernode", "list").get("nodes", []):
+            if int(node.get("node-id", -1)) == node_id:
+                return str(node.get("status", ""))
+        return "unknown"
+
+    def restart_supernode(
+        self, partition_id: int, num_partitions: int, timeout: float = 150.0
+    ) -> SuperNodeHandle:
+        """Start a killed SuperNode again with its key and folder, and wait until it is back.
+
+        The SuperLink refuses to activate a node it still counts as online, and it
+        counts a killed node online until two of its heartbeats (30 s apart in
+        Flower 1.42) are missed; so with node authentication this first waits for
+        the SuperLink to see the node offline. The new process logs to
+        ``supernode-<i>-restart<n>.log``.
+        """
+        deadline = time.monotonic() + timeout
+        key = self.node_key(partition_id) if self.node_auth else None
+        node_id = self.node_ids.get(partition_id)
+        if key is not None and node_id is not None:
+            while self.node_status(node_id) == "online":
+                if time.monotonic() > deadline:
+                    raise DeployError(f"the SuperLink still counts device {partition_id} online")
+                time.sleep(2.0)
+        restarts = len(list(self.group.log_dir.glob(f"supernode-{partition_id}-restart*.log")))
+        node = self.start_supernode(
+            partition_id,
+            num_partitions,
+            key,
+            log_name=f"supernode-{partition_id}-restart{restarts + 1}",
+        )
+        while not node.activated():
+            if not node.process.running():
+                raise DeployError(node.process.describe_exit())
+            if time.monotonic() > deadline:
+                raise DeployError(f"device {partition_id} did not rejoin within {timeout:.0f} s")
+            time.sleep(0.3)
+        return node
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink sees online right now."""
@@ -410,6 +476,10 @@ class LocalDeployment:
         run_id = int(reply["run-id"])
         (self.folder / "run-id").write_text(f"{run_id}\n", encoding="utf-8")
         return run_id
+
+    def stop_run(self, run_id: int) -> None:
+        """Stop a run with ``flwr stop`` (the ServerApp process ends; nodes keep their state)."""
+        self.flwr("stop", str(run_id), timeout=60.0)
 
     def status(self, run_id: int) -> tuple[str, str]:
         """The run's status and its details, e.g. ``("finished:completed", "N/A")``."""
@@ -499,6 +569,50 @@ class DeployRequest:
     cert_hosts: tuple[str, ...] = ()
 
 
+def start_deployment(
+    folder: Path,
+    output_dir: Path,
+    n_devices: int,
+    *,
+    credentials: Path | None = None,
+    insecure: bool = False,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    tracking_uri: str = "",
+    on_status: Callable[[str], None] | None = None,
+) -> LocalDeployment:
+    """Start an MLflow server (unless ``tracking_uri``), a SuperLink and ``n_devices`` SuperNodes.
+
+    Returns the running deployment (its :attr:`LocalDeployment.tracking_uri` says
+    where runs are tracked); the caller submits runs and stops it. Nothing is left
+    running if a step fails.
+    """
+    say = on_status or (lambda _msg: None)
+    dep = LocalDeployment(folder, credentials=credentials, insecure=insecure, hosts=hosts)
+    try:
+        dep.tracking_uri = tracking_uri
+        if not tracking_uri:
+            say("starting the MLflow tracking server")
+            dep.tracking_uri = dep.start_mlflow(
+                f"sqlite:///{output_dir / 'mlflow.db'}", output_dir / "mlartifacts", wait=False
+            )
+        say(f"starting the SuperLink ({'plain text' if insecure else 'TLS, SuperNode auth'})")
+        dep.start_superlink()
+        say(f"starting {n_devices} SuperNodes")
+        for device in range(n_devices):
+            key = None
+            if dep.node_auth:
+                key = dep.node_key(device)
+                dep.node_ids[device] = dep.register(key)
+            dep.start_supernode(device, n_devices, key)
+        if dep.mlflow is not None:
+            dep.wait_mlflow()
+        dep.wait_online(n_devices)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
 def deploy(
     request: DeployRequest,
     *,
@@ -531,28 +645,18 @@ def deploy(
         for device in range(n):
             feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
     hosts = tuple(dict.fromkeys((*DEFAULT_HOSTS, *request.cert_hosts)))
-    with LocalDeployment(
-        folder / "deployment", credentials=credentials, insecure=request.insecure, hosts=hosts
+    with start_deployment(
+        folder / "deployment",
+        cfg.output_dir,
+        n,
+        credentials=credentials,
+        insecure=request.insecure,
+        hosts=hosts,
+        tracking_uri=cfg.tracking.uri,
+        on_status=say,
     ) as dep:
-        tracking = cfg.tracking.uri
-        if not tracking:
-            say("starting the MLflow tracking server")
-            tracking = dep.start_mlflow(
-                f"sqlite:///{cfg.output_dir / 'mlflow.db'}", cfg.output_dir / "mlartifacts", wait=False
-            )
-            overrides.append(f"tracking.uri={_toml_string(tracking)}")
-        say(f"starting the SuperLink ({'plain text' if request.insecure else 'TLS, SuperNode auth'})")
-        dep.start_superlink()
-        say(f"starting {n} SuperNodes")
-        for device in range(n):
-            key = None
-            if dep.node_auth:
-                key = dep.node_key(device)
-                dep.register(key)
-            dep.start_supernode(device, n, key)
-        if dep.mlflow is not None:
-            dep.wait_mlflow()
-        dep.wait_online(n)
+        if not cfg.tracking.uri:
+            overrides.append(f"tracking.uri={_toml_string(dep.tracking_uri)}")
         run_id = dep.submit(
             {
                 "scenario": str(scenario) if scenario else "",

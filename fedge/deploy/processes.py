@@ -82,8 +82,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _marked(marker: str) -> list[int]:
+def _marked(marker: str, also: str | None = None) -> list[int]:
     needle = f"{MARKER_ENV}={marker}".encode()
+    extra = also.encode() if also is not None else None
     me = os.getpid()
     found = []
     for entry in os.listdir("/proc"):
@@ -96,7 +97,7 @@ def _marked(marker: str) -> list[int]:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if needle in env and state not in (b"Z", b"X"):
+        if needle in env and state not in (b"Z", b"X") and (extra is None or extra in env):
             found.append(int(entry))
     return found
 
@@ -204,6 +205,26 @@ class ProcessGroup:
     def alive(self) -> list[int]:
         """Live processes of this group, including helpers the started ones spawned."""
         return _marked(self.marker)
+
+    def kill(self, proc: ManagedProcess, env_entry: str, timeout: float = 10.0) -> None:
+        """SIGKILL ``proc`` and every helper of this group whose environment has ``env_entry``.
+
+        This is a crash, not a shutdown: nothing gets a chance to clean up. The
+        helpers are found by an environment entry they inherited (e.g. the
+        process's own ``FLWR_HOME=...``).
+        """
+        pids = [proc.pid, *_marked(self.marker, env_entry)]
+        deadline = time.monotonic() + timeout
+        while pids and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            proc.popen.poll()
+            time.sleep(0.1)
+            pids = _marked(self.marker, env_entry)  # a helper may have started one meanwhile
+        proc.popen.wait(timeout=timeout)
 
     def stop(self, grace: float = 5.0) -> list[int]:
         """SIGTERM the started processes, then everything with the marker; SIGKILL what stays.
