@@ -554,6 +554,10 @@ def _prepare(conn: sqlite3.Connection) -> None:
             raise _UnusableStoreError(f"store format version {found}, expected {_FORMAT_VERSION}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    # A device writes a few pages per tick for ever: checkpoint often and keep the
+    # write-ahead log small on disk (SQLite's defaults let it sit at 4 MiB).
+    conn.execute("PRAGMA wal_autocheckpoint=256")
+    conn.execute("PRAGMA journal_size_limit=1048576")
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:
