@@ -42,7 +42,7 @@ def copy_bandwidth(n_bytes: int, repeat: int = 5) -> float:
 
 def read_seconds(records: list[RecordDict], repeat: int = 5) -> float:
     """Time to read every update's array once, in place (one BLAS dot per array)."""
-    views = [array_view(a) for r in records for a in r["arrays"].values()]
+    views = [array_view(a) for r in records for a in r.array_records["arrays"].values()]
     dot = {np.dtype(np.float32): blas.sdot, np.dtype(np.float64): blas.ddot}
     return best_of(lambda: [dot[v.dtype](v, v) for v in views], repeat)
 

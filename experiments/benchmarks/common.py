@@ -115,13 +115,25 @@ class StrategyTimer(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.seconds: list[float] = []
+        #: CPU seconds this process spent between the strategy's start and finish lines
+        #: (all its threads; a shared machine's other jobs do not count).
+        self.cpu_seconds: list[float] = []
+        self._cpu_started: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = _STRATEGY_TIME.search(record.getMessage())
+        message = record.getMessage()
+        if _STRATEGY_START.match(message):
+            self._cpu_started = time.process_time()
+            return
+        found = _STRATEGY_TIME.search(message)
         if found:
             self.seconds.append(float(found.group(1)))
+            if self._cpu_started is not None:
+                self.cpu_seconds.append(time.process_time() - self._cpu_started)
+                self._cpu_started = None
 
 
+_STRATEGY_START = re.compile(r"Starting \w+ strategy")
 _STRATEGY_TIME = re.compile(r"Strategy execution finished in ([0-9.]+)s")
 
 

@@ -32,7 +32,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
     if quick:
         return {
             "engine": lambda: engine.run(sizes=(10, 100), rounds=2),
-            "overhead": lambda: overhead.run(devices=10, rounds=10, repeat=1),
+            "overhead": lambda: overhead.run(devices=10, rounds=10, repeat=2),
             "aggregation": lambda: aggregation.run(repeat=5),
             "device": footprint.run,
             "communication": lambda: communication.run(codecs=("none", "int8")),
@@ -40,7 +40,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         }
     return {
         "engine": lambda: engine.run(sizes=(10, 100, 1000), rounds=2),
-        "overhead": lambda: overhead.run(devices=20, rounds=20, repeat=2),
+        "overhead": lambda: overhead.run(devices=20, rounds=20, repeat=3),
         "aggregation": lambda: aggregation.run(repeat=10),
         "device": footprint.run,
         "communication": communication.run,
@@ -52,8 +52,19 @@ def _verdict(met: bool | None) -> str:
     return "" if met is None else ("met" if met else "MISSED")
 
 
-def markdown(figures: Sequence[Figure], host: dict[str, str], seconds: float, mode: str) -> str:
-    """The results page: machine, then one table row per figure."""
+def markdown(
+    figures: Sequence[Figure],
+    host: dict[str, str],
+    seconds: float,
+    mode: str,
+    kept_rows: Sequence[str] = (),
+    notes: str = "",
+) -> str:
+    """The results page: machine, then one table row per figure.
+
+    ``kept_rows`` are table rows of benchmarks not run this time (from the
+    previous page); ``notes`` is the previous page's hand-written notes section.
+    """
     lines = [
         "# fedge benchmarks",
         "",
@@ -69,34 +80,81 @@ def markdown(figures: Sequence[Figure], host: dict[str, str], seconds: float, mo
             f"numpy {host['numpy']}, ray {host['ray']}, mlflow {host['mlflow']}, "
             f"river {host['river']}."
         ),
-        f"Mode: {mode}; the suite took {seconds:.0f} s; load average {host['load']} at the start.",
+        f"Mode: {mode}; the suite took {seconds:.0f} s; load average {host['load']} at the start."
+        + (" Rows of the other benchmarks are kept from an earlier run." if kept_rows else ""),
         "",
         "| # | figure | measured | ratio | target | verdict |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    rows = list(kept_rows)
     for f in figures:
         cells = (f.item, f.name, f.value, f.ratio, f.target, _verdict(f.met))
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n" + METHOD
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += sorted(rows, key=_row_number)  # stable: each benchmark's rows keep their order
+    page = "\n".join(lines) + "\n"
+    if notes:
+        page += "\n" + notes.strip("\n") + "\n"
+    return page + METHOD
+
+
+def _row_number(row: str) -> int:
+    item = row[2:].split(" ", 1)[0]
+    return int(item) if item.isdigit() else len(BENCHMARKS) + 1
+
+
+NOTES_HEADING = "## Notes"
+
+
+def _previous_page(path: Path, rerun: Sequence[str]) -> tuple[list[str], str]:
+    """Rows of the benchmarks not in ``rerun`` (all kept when ``rerun`` is empty: none),
+    and the notes section, from an existing page."""
+    if not path.exists():
+        return [], ""
+    text = path.read_text(encoding="utf-8")
+    numbers = {str(BENCHMARKS.index(name) + 1) for name in rerun}
+    kept = []
+    if rerun:
+        for line in text.splitlines():
+            if line.startswith("| ") and not line.startswith(("| # ", "| --- ")):
+                item = line[2:].split(" ", 1)[0]
+                if item.isdigit() and item not in numbers:
+                    kept.append(line)
+    notes = ""
+    if NOTES_HEADING in text:
+        start = text.index(NOTES_HEADING)
+        end = text.find("\n## ", start + len(NOTES_HEADING))
+        notes = text[start : end if end >= 0 else len(text)]
+    return kept, notes
 
 
 METHOD = """
 ## How each figure is measured
 
 1. **Engine**: one monitoring tick, then one campaign of FedAvg rounds over all
-   devices, same scenario and seed on both engines. Seconds per round are
-   Flower's own strategy clock (rounds only, no start-up). "identical" means
-   every tick accuracy and the campaign's candidate accuracy agree exactly.
+   devices, same scenario and seed on every engine: the in-process engine with
+   one worker process per core (`InProcessGrid(..., workers=N)`) and in one
+   process, and Flower's Ray simulation. Seconds per round are Flower's own
+   strategy clock (rounds only, no start-up). "identical" means every tick
+   accuracy and the campaign's candidate accuracy agree exactly across all
+   three. "device handlers" is the time the devices' ClientApp handlers took
+   per round, summed over devices (in one process): the work every engine has
+   to do somewhere.
 2. **Overhead**: `run_server` (monitoring tick, campaign, evaluation of
    candidate and champion, MLflow registry and tracking, summary and plot)
    against Flower's `FedAvg.start` over a hand-rolled ClientApp
    (`experiments/benchmarks/bare_app.py`) with the same model, data, rounds
-   and clients, both on the in-process grid; best of the repeats. The
-   diagnostic row turns off the device audit log's per-message `fsync`.
+   and clients, both on the in-process grid in one process; the runs are
+   interleaved and each figure is the best of the repeats. CPU is this
+   process's CPU time over the same span (other jobs on a shared machine do
+   not inflate it; waiting for the disk does not count). The last row gives
+   the device audit log its previous durability, one `fsync` per message.
 3. **Aggregation**: `strategies.aggregation.aggregate_arrayrecords` against
    `flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` on the same
-   records; the bound is the bytes that must move (every update read once, the
-   result written once) at the bandwidth of a large NumPy copy.
+   records, both on one BLAS thread. The bound is the bytes that must move at
+   the speed one core streams them, measured in the same run: every update
+   read once (a BLAS dot product over each update's own bytes, in place) plus
+   the result written once (filling a buffer of its size). A NumPy copy's
+   bandwidth is shown beside it.
 4. **Device**: peak resident memory (`VmHWM`) of a fresh process serving one
    node's tick and training round; detector cost over 20,000 errors fed in
    ticks of 100; store write and read of 1,000 rows of 10 features.
@@ -151,7 +209,8 @@ def run_suite(
         if only:
             mode += f" ({', '.join(only)})"
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(markdown(figures, host, seconds, mode))
+        kept, notes = _previous_page(output, [name for name in BENCHMARKS if name in only])
+        output.write_text(markdown(figures, host, seconds, mode, kept, notes))
         console.print(f"Wrote {output}")
     return figures
 
