@@ -259,6 +259,29 @@ def versions_cmd(
     console.print(table)
 
 
+@app.command("sync")
+def sync_cmd(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A run folder, or a folder of runs (e.g. the output dir)."),
+    ] = Path("fedge-runs"),
+) -> None:
+    """Send MLflow writes that runs buffered while their tracking server was unreachable."""
+    from fedge.tracking import TrackingError, sync_outboxes
+
+    try:
+        results = sync_outboxes(path.expanduser())
+    except TrackingError as exc:
+        _fail(str(exc))
+        return
+    if not results:
+        console.print(f"Nothing to send: no tracking outbox in {path}.", highlight=False)
+    for result in results:
+        (err if result.reason else console).print(result.line(), highlight=False, soft_wrap=True)
+    if any(result.reason for result in results):
+        raise typer.Exit(1)
+
+
 @app.command("scenarios")
 def scenarios_cmd() -> None:
     """List the ready scenarios shipped in experiments/."""

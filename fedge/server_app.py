@@ -45,7 +45,7 @@ from fedge.orchestrator import (
 )
 from fedge.scenarios import Scenario, build_scenario
 from fedge.state import JsonState, state_path
-from fedge.tracking import Tracker, default_tracking_uri, ui_command
+from fedge.tracking import OUTBOX_DIR, Tracker, TrackingError, default_tracking_uri, ui_command
 from fedge.triggers import make_policy
 from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
 from strategies.compressed import CompressedUploads
@@ -413,7 +413,14 @@ def run_server(
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_scenario(cfg.scenario)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
-    tracker = Tracker(uri, cfg.tracking.experiment, cfg.model_name, run_name=folder.name)
+    tracker = Tracker(
+        uri,
+        cfg.tracking.experiment,
+        cfg.model_name,
+        run_name=folder.name,
+        outbox=folder / OUTBOX_DIR,
+        sync_root=cfg.output_dir,
+    )
     tracker.start(
         cfg.flat(),
         tags={"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine},
@@ -547,7 +554,23 @@ def build_summary(
     folder: Path,
     engine: str,
 ) -> dict[str, Any]:
-    """Everything a person wants to know after a run, JSON-ready."""
+    """Everything a person wants to know after a run, JSON-ready.
+
+    ``tracking`` says whether the run's MLflow writes landed or wait in its outbox
+    (the tracking server unreachable); then ``versions`` lists the versions this
+    run registered, by the numbers it used, as ``pending``.
+    """
+    tracking = tracker.sync_state()
+    try:
+        versions = [
+            {"version": v["version"], "aliases": v["aliases"], "tags": v["tags"]}
+            for v in tracker.versions()
+        ]
+    except TrackingError:
+        versions = [
+            {"version": v["version"], "aliases": [], "tags": {}, "state": v["state"]}
+            for v in tracking["versions"]
+        ]
     return {
         "scenario": cfg.scenario.name,
         "engine": engine,
@@ -563,10 +586,8 @@ def build_summary(
         "recoveries": [asdict(r) for r in drift_recoveries(record, scenario.schedule.drift_steps())],
         "campaigns": [asdict(c) for c in record.campaigns],
         "ticks": [asdict(t) for t in record.ticks],
-        "versions": [
-            {"version": v["version"], "aliases": v["aliases"], "tags": v["tags"]}
-            for v in tracker.versions()
-        ],
+        "versions": versions,
+        "tracking": tracking,
         "rejected_rows": sum(t.rejected for t in record.ticks),
         "refused": list(record.refused),
         "config": cfg.flat(),
