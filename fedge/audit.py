@@ -175,18 +175,24 @@ class _GroupSync:
         self._cond = threading.Condition()
         self._pending: dict[int, AuditLog] = {}
         self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")  # when the thread wakes up next on its own
 
     def due(self, audit: AuditLog) -> None:
         """``audit`` has a new entry: sync it within its interval."""
         with self._cond:
             if id(audit) in self._pending:
                 return
-            audit._deadline = time.monotonic() + audit.sync_interval
+            deadline = time.monotonic() + audit.sync_interval
+            audit._deadline = deadline
             self._pending[id(audit)] = audit
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fedge-audit-sync", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if deadline < self._wake_at:
+                # Waking the thread costs the caller a GIL hand-over: only when it
+                # would otherwise sleep past this deadline.
+                self._wake_at = deadline
+                self._cond.notify()
 
     def forget(self, audit: AuditLog) -> None:
         """``audit`` is being synced by its owner: no need to wait for it."""
@@ -207,12 +213,13 @@ class _GroupSync:
         while True:
             with self._cond:
                 while not self._pending:
+                    self._wake_at = float("inf")
                     self._cond.wait()
                 now = time.monotonic()
                 due = [a for a in self._pending.values() if (a._deadline or 0.0) <= now]
                 if not due:
-                    soonest = min(a._deadline or now for a in self._pending.values())
-                    self._cond.wait(timeout=max(0.0, soonest - now))
+                    self._wake_at = min(a._deadline or now for a in self._pending.values())
+                    self._cond.wait(timeout=max(0.0, self._wake_at - now))
                     continue
                 for audit in due:
                     # Entries written from here on schedule a new sync; this one covers

@@ -187,3 +187,26 @@ def test_audit_log_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
     path.write_text("not an entry\n")
     with pytest.raises(ValueError, match="last line is not an audit entry"):
         AuditLog(path)
+
+
+def test_group_commit_syncs_many_entries_at_once_and_soon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    log = AuditLog(tmp_path / "d.audit.jsonl", sync_interval=0.05)
+    for record in _entries(200):
+        log.append(record)
+    waited = 0.0
+    while not synced and waited < 5.0:  # the promise is 0.05 s; allow a very busy machine
+        time.sleep(0.05)
+        waited += 0.05
+    assert 1 <= len(synced) < 20, "entries reach the disk in groups, without the caller waiting"
+    time.sleep(0.1)
+    before = len(synced)
+    log.append({"message_type": "query", "bytes": 1, "blocked": False})
+    log.close()  # close syncs what is pending right away
+    assert len(synced) == before + 1
