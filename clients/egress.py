@@ -143,17 +143,21 @@ def describe(message: Message) -> dict[str, Any]:
     records: dict[str, Any] = {}
     total = 0
     if message.has_content():
-        content = message.content
-        for name, arrays in content.array_records.items():
-            records[name] = {
-                "kind": "arrays",
-                "shapes": {k: list(a.shape) for k, a in arrays.items()},
-                "bytes": arrays.count_bytes(),
-            }
-        for name, config in content.config_records.items():
-            records[name] = {"kind": "config", "keys": sorted(config), "bytes": config.count_bytes()}
-        for name, metrics in content.metric_records.items():
-            records[name] = {"kind": "metrics", "keys": sorted(metrics), "bytes": metrics.count_bytes()}
+        # One pass over the records (RecordDict's typed views are rebuilt on every access).
+        for name, record in message.content.items():
+            if isinstance(record, ArrayRecord):
+                entry: dict[str, Any] = {
+                    "kind": "arrays",
+                    "shapes": {k: list(a.shape) for k, a in record.items()},
+                    "bytes": record.count_bytes(),
+                }
+            elif isinstance(record, ConfigRecord):
+                entry = {"kind": "config", "keys": sorted(record), "bytes": record.count_bytes()}
+            elif isinstance(record, MetricRecord):
+                entry = {"kind": "metrics", "keys": sorted(record), "bytes": record.count_bytes()}
+            else:
+                continue
+            records[name] = entry
         total = sum(int(r["bytes"]) for r in records.values())
     return {
         "message_type": message.metadata.message_type,
