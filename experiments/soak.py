@@ -76,11 +76,12 @@ def overrides(out: Path, devices: int, ticks: int, period: int, *extra: str) -> 
     ]
 
 
-def check_registry(summary: dict[str, Any]) -> tuple[int, int, list[int]]:
+def check_registry(summary: dict[str, Any], uri: str | None = None) -> tuple[int, int, list[int]]:
     """Campaign versions, registry versions, and campaign versions missing from the registry."""
     from fedge.tracking import list_model_versions
 
-    registered = {int(v["version"]) for v in list_model_versions(summary["tracking_uri"], summary["model_name"])}
+    listed = list_model_versions(uri or summary["tracking_uri"], summary["model_name"])
+    registered = {int(v["version"]) for v in listed}
     campaigns = [int(c["version"]) for c in summary["campaigns"]]
     return len(campaigns), len(registered), sorted(set(campaigns) - registered)
 
@@ -202,7 +203,7 @@ def _role(argv: Sequence[bytes], env: Sequence[bytes]) -> str | None:
         home = next((e.split(b"/")[-1].decode() for e in env if e.startswith(b"FLWR_HOME=")), "?")
         return home  # supernode-<i>
     if b"mlflow" in text and b"server" in text:
-        return "mlflow"
+        return "mlflow (all its processes)"
     return None
 
 
@@ -251,7 +252,8 @@ def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
         return False
     summary = json.loads((folder / "summary.json").read_text())
     wall = time.perf_counter() - started
-    n_campaigns, n_registered, missing = check_registry(summary)
+    # The tracking server stopped with the deployment; its store is the SQLite file.
+    n_campaigns, n_registered, missing = check_registry(summary, f"sqlite:///{out / 'mlflow.db'}")
     running = [row for _, row in sampler.rows if "serverapp" in row]
     first, last = (running[0], running[-1]) if running else ({}, {})
     nodes = sorted(k for k in first if k.startswith("supernode"))
@@ -280,8 +282,14 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.soak", description=__doc__.split("\n\n")[0])
+    """Run the soak benchmark; returns 0 when every campaign's version is in the registry."""
+    parser = _Parser(prog="python -m experiments.soak", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--ticks", type=int, default=500)
     parser.add_argument("--period", type=int, default=100, help="ticks between concept flips")

@@ -484,6 +484,27 @@ def bench_cmd(
         _fail(str(exc))
 
 
+@app.command("soak")
+def soak_cmd(
+    quick: Annotated[bool, typer.Option(help="5 devices x 60 ticks, 2 deployed x 6: a few minutes.")] = False,
+    devices: Annotated[int, typer.Option(help="In-process devices.")] = 20,
+    ticks: Annotated[int, typer.Option(help="In-process ticks.")] = 500,
+    skip_deployment: Annotated[bool, typer.Option(help="Only the in-process run.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Keep the runs here (default: a temporary folder).")] = None,
+) -> None:
+    """Long run with drifts: memory over time, every campaign's version in the registry."""
+    try:
+        from experiments.soak import main as soak_main
+    except ImportError:
+        _fail("the soak benchmark lives in experiments/ of a fedge source checkout (pip install -e .)")
+        return
+    argv = ["--devices", str(devices), "--ticks", str(ticks)]
+    argv += ["--quick"] if quick else []
+    argv += ["--skip-deployment"] if skip_deployment else []
+    argv += ["--out", str(out)] if out is not None else []
+    raise typer.Exit(soak_main(argv))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
