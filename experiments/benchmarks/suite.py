@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -59,11 +60,13 @@ def markdown(
     mode: str,
     kept_rows: Sequence[str] = (),
     notes: str = "",
+    kept_from: str = "",
 ) -> str:
     """The results page: machine, then one table row per figure.
 
     ``kept_rows`` are table rows of benchmarks not run this time (from the
-    previous page); ``notes`` is the previous page's hand-written notes section.
+    previous page, whose run ``kept_from`` describes); ``notes`` is the previous
+    page's hand-written notes section.
     """
     lines = [
         "# fedge benchmarks",
@@ -81,7 +84,7 @@ def markdown(
             f"river {host['river']}."
         ),
         f"Mode: {mode}; the suite took {seconds:.0f} s; load average {host['load']} at the start."
-        + (" Rows of the other benchmarks are kept from an earlier run." if kept_rows else ""),
+        + (f" The other rows are kept from an earlier run ({kept_from})." if kept_rows else ""),
         "",
         "| # | figure | measured | ratio | target | verdict |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -105,11 +108,11 @@ def _row_number(row: str) -> int:
 NOTES_HEADING = "## Notes"
 
 
-def _previous_page(path: Path, rerun: Sequence[str]) -> tuple[list[str], str]:
-    """Rows of the benchmarks not in ``rerun`` (all kept when ``rerun`` is empty: none),
-    and the notes section, from an existing page."""
+def _previous_page(path: Path, rerun: Sequence[str]) -> tuple[list[str], str, str]:
+    """From an existing page: rows of the benchmarks not in ``rerun`` (none when
+    ``rerun`` is empty), the notes section, and what the page says of its run."""
     if not path.exists():
-        return [], ""
+        return [], "", ""
     text = path.read_text(encoding="utf-8")
     numbers = {str(BENCHMARKS.index(name) + 1) for name in rerun}
     kept = []
@@ -119,12 +122,14 @@ def _previous_page(path: Path, rerun: Sequence[str]) -> tuple[list[str], str]:
                 item = line[2:].split(" ", 1)[0]
                 if item.isdigit() and item not in numbers:
                     kept.append(line)
+    found = re.search(r"^Mode: (.*?)(?: The other rows are kept from .*)?$", text, re.MULTILINE)
+    kept_from = found.group(1).rstrip(".") if found else "an earlier run"
     notes = ""
     if NOTES_HEADING in text:
         start = text.index(NOTES_HEADING)
         end = text.find("\n## ", start + len(NOTES_HEADING))
         notes = text[start : end if end >= 0 else len(text)]
-    return kept, notes
+    return kept, notes, kept_from
 
 
 METHOD = """
@@ -209,8 +214,8 @@ def run_suite(
         if only:
             mode += f" ({', '.join(only)})"
         output.parent.mkdir(parents=True, exist_ok=True)
-        kept, notes = _previous_page(output, [name for name in BENCHMARKS if name in only])
-        output.write_text(markdown(figures, host, seconds, mode, kept, notes))
+        kept, notes, kept_from = _previous_page(output, [name for name in BENCHMARKS if name in only])
+        output.write_text(markdown(figures, host, seconds, mode, kept, notes, kept_from))
         console.print(f"Wrote {output}")
     return figures
 
