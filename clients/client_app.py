@@ -25,11 +25,29 @@ log = logging.getLogger("fedge.device")
 _DEVICES: dict[Path, Device] = {}
 
 
+_PATHS: dict[tuple[object, ...], tuple[int, Path]] = {}
+
+
 def store_path(context: Context) -> tuple[int, Path]:
-    """This node's partition id and the path of its on-device store."""
-    cfg = config_from_context(context)
-    device_id = int(context.node_config.get("partition-id", 0))
-    return device_id, run_dir(cfg, context) / "devices" / f"device-{device_id}.sqlite"
+    """This node's partition id and the path of its on-device store.
+
+    Resolving it takes the run configuration apart and touches the disk; a
+    node's context says the same on every message, so it is done once per
+    (run, node, node config, run config).
+    """
+    key = (
+        context.run_id,
+        context.node_id,
+        tuple(sorted(context.node_config.items())),
+        tuple(sorted(context.run_config.items())),
+    )
+    found = _PATHS.get(key)
+    if found is None:
+        cfg = config_from_context(context)
+        device_id = int(context.node_config.get("partition-id", 0))
+        found = device_id, run_dir(cfg, context) / "devices" / f"device-{device_id}.sqlite"
+        _PATHS[key] = found
+    return found
 
 
 def audit_path(context: Context) -> Path:

@@ -214,11 +214,17 @@ class RunConfig:
     ``reply_timeout`` (seconds) bounds every wait for device replies: a poll, a
     strategy round. A device that has not answered by then is treated as offline
     for that message.
+
+    ``workers`` (in-process engine only) runs the devices in that many worker
+    processes, each device always in the same one; the numbers are the same
+    as with one. Worth it when devices' training dominates a round (many
+    devices, more cores).
     """
 
     output_dir: str = "fedge-runs"
     resume: bool = True
     reply_timeout: float = field(default=600.0, metadata=_between(0.1, 86400.0))
+    workers: int = field(default=1, metadata=_between(1, 64))
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,12 @@ def run_inprocess(
     from fedge.server_app import run_server
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
+    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config, workers=cfg.run.workers)
     started = time.perf_counter()
     try:
         summary = run_server(grid, cfg, folder, on_tick=on_tick, engine="inprocess")
     finally:
+        grid.close()
         forget_devices()
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     text = json.dumps(summary, indent=2)
