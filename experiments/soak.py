@@ -257,9 +257,10 @@ def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
     running = [row for _, row in sampler.rows if "serverapp" in row]
     first, last = (running[0], running[-1]) if running else ({}, {})
     nodes = sorted(k for k in first if k.startswith("supernode"))
+    series = ", ".join(f"{row['serverapp']:.0f}" for row in running)
     print(
-        f"deployment: {wall:.0f} s wall; ServerApp RSS {first.get('serverapp', 0):.0f} -> "
-        f"{last.get('serverapp', 0):.0f} MiB; SuperLink {first.get('superlink', 0):.0f} -> "
+        f"deployment: {wall:.0f} s wall; ServerApp RSS over the run {series} MiB; "
+        f"SuperLink {first.get('superlink', 0):.0f} -> "
         f"{last.get('superlink', 0):.0f} MiB; SuperNodes "
         + ", ".join(f"{first.get(n, 0):.0f}->{last.get(n, 0):.0f}" for n in nodes)
         + f" MiB; ClientApp process peak {sampler.clientapp_peak:.0f} MiB"
