@@ -60,6 +60,13 @@ def run_cmd(
         bool, typer.Option(help="Ignore the registry's champion and train from scratch.")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run in this folder. Given the folder of a run that stopped, the run "
+            "continues where it was (ticks and rounds carry on, no version is registered twice)."
+        ),
+    ] = None,
 ) -> None:
     """Run a drift scenario end to end and print what happened."""
     from fedge.config import ConfigError
@@ -76,15 +83,19 @@ def run_cmd(
         overrides.append("run.resume=false")
     request = RunRequest(scenario, tuple(overrides), engine)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    folder = run_dir.expanduser().resolve() if run_dir is not None else None
+    if folder is not None and (folder / "summary.json").exists():
+        _fail(f"--run-dir {folder}: holds a finished run (summary.json); give a new folder")
+        return
     try:
         cfg = request.config()
         if engine == "inprocess" and not quiet:
-            summary = _run_with_progress(request, cfg)
+            summary = _run_with_progress(request, cfg, folder)
         else:
             if not quiet:
                 where = "a local Flower deployment" if engine == "deployment" else "Flower's simulation engine"
                 console.print(f"Running [bold]{cfg.scenario.name}[/] on {where}…")
-            summary = run(request)
+            summary = run(request, run_dir=folder)
     except (ConfigError, TrackingError) as exc:
         _fail(str(exc))
         return
@@ -94,7 +105,7 @@ def run_cmd(
     _print_summary(summary)
 
 
-def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
+def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str, Any]:
     from fedge.orchestrator import CampaignRecord, TickRecord
     from fedge.runner import run
 
@@ -126,7 +137,7 @@ def _run_with_progress(request: Any, cfg: Any) -> dict[str, Any]:
             progress.console.print(line, highlight=False)
             progress.update(task, advance=1, status=f"accuracy {_fmt(rec.accuracy)}")
 
-        return run(request, on_tick=on_tick)
+        return run(request, on_tick=on_tick, run_dir=folder)
 
 
 def _print_summary(s: dict[str, Any]) -> None:

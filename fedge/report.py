@@ -82,9 +82,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         for name, (rkind, keys) in records.items():
             allowed = ", ".join(keys) if keys else "names and shapes of the model received"
             lines.append(f"| {kind} | {name} | {rkind} | {allowed} |")
-    for kind, keys in SECAGG_REPLIES.items():
+    for kind, fields in SECAGG_REPLIES.items():
         lines.append(
-            f"| {kind} | secagg | config | {', '.join(keys)} (public keys and encrypted shares "
+            f"| {kind} | secagg | config | {', '.join(fields)} (public keys and encrypted shares "
             "of secure aggregation) |"
         )
     lines += [

@@ -52,8 +52,8 @@ from strategies.compressed import CompressedUploads
 from strategies.drift_clustering import DriftClustering
 from strategies.fedavg import FedAvg
 from strategies.private_campaign import PrivateCampaigns, equal_weights
-from strategies.secagg import SecAggError
 from strategies.screening import UpdateScreening
+from strategies.secagg import SecAggError
 
 log = logging.getLogger("fedge.server")
 

@@ -75,3 +75,15 @@ def test_cli_rejects_unknown_engine(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "engine: 'warp' is not allowed" in result.output
+
+
+def test_run_dir_of_a_finished_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    finished = tmp_path / "run1"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    result = CliRunner().invoke(
+        app, ["run", "--output-dir", str(tmp_path), "--run-dir", str(finished), "--quiet"]
+    )
+    assert result.exit_code == 2
+    assert "holds a finished run" in " ".join(result.output.split())
+    assert not (finished / "devices").exists(), "nothing was started in the finished folder"
