@@ -361,6 +361,11 @@ def _check_components(cfg: FedgeConfig) -> None:
             "nor a whole device count"
         )
     _check_privacy(cfg)
+    if cfg.campaign.min_devices > cfg.scenario.clients:
+        raise ConfigError(
+            f"campaign.min_devices: {cfg.campaign.min_devices} devices can never reply; "
+            f"the scenario has {cfg.scenario.clients} clients"
+        )
     if cfg.trigger.quorum > cfg.scenario.clients:
         raise ConfigError(
             f"trigger.quorum: {int(cfg.trigger.quorum)} devices can never agree; "
@@ -369,6 +374,9 @@ def _check_components(cfg: FedgeConfig) -> None:
 
 
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
+
+#: Fewest devices a secure round accepts: with two, each could subtract its own update.
+MIN_SECURE_DEVICES = 3
 
 
 def _check_privacy(cfg: FedgeConfig) -> None:
@@ -392,9 +400,10 @@ def _check_privacy(cfg: FedgeConfig) -> None:
                 "privacy.dp: 'central-server' clips each update in the clear; under secure "
                 "aggregation use 'central-client'"
             )
-        if cfg.scenario.clients < 3:
+        if cfg.scenario.clients < MIN_SECURE_DEVICES:
             raise ConfigError(
-                f"privacy.secure_aggregation: needs at least 3 devices, the scenario has "
+                f"privacy.secure_aggregation: needs at least {MIN_SECURE_DEVICES} devices, the "
+                "scenario has "
                 f"{cfg.scenario.clients}"
             )
         try:

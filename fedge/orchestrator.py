@@ -316,7 +316,14 @@ class Orchestrator:
         An interrupted run of the same ``run_id`` (see ``state``) continues after
         the last tick it finished.
         """
-        todo = self._restore(list(ticks))
+        try:
+            todo = self._restore(list(ticks))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("saved orchestrator state is unreadable (%s); starting this run afresh", exc)
+            todo = list(ticks)
+        # Saved before the first tick: a version registered before the first
+        # tick completes is then recognised as this run's after a crash.
+        self._save()
         if self.resume and self.champion is None:
             self.champion = self.registry.champion()
             if self.champion is not None:

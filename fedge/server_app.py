@@ -140,7 +140,8 @@ class FlowerFederation:
         self.expected = expected_devices
         self.node_of: dict[int, int] = {}
         self.deployed: dict[int, int] = {}
-        self.privacy = PrivateCampaigns(cfg)
+        ledger = state_path(cfg.output_dir, cfg.model_name).with_suffix(".privacy.json")
+        self.privacy = PrivateCampaigns(cfg, ledger)
         #: Per device, the ticks of the reports its last reply carried (acknowledged next poll).
         self.received: dict[int, list[int]] = {}
         self.late: list[p.DriftReport] = []
@@ -278,6 +279,11 @@ class FlowerFederation:
         first_round: int,
     ) -> CampaignOutcome:
         nodes = [self.node_of[d] for d in devices if d in self.node_of]
+        if len(nodes) < self.cfg.campaign.min_devices:
+            raise CampaignRefused(
+                f"{len(nodes)} devices would take part; campaign.min_devices is "
+                f"{self.cfg.campaign.min_devices}"
+            )
         self.privacy.admit(rounds, len(nodes), label=f"tick {tick}")
         strategy = make_strategy(self.cfg, len(nodes))
         grid: Grid = DeviceGrid(self.grid, nodes)
@@ -297,6 +303,7 @@ class FlowerFederation:
             result = self._start(strategy, grid, start, rounds, train_config, tick)
         except SecAggError as exc:
             raise CampaignRefused(f"campaign abandoned: {exc}") from None
+        self.privacy.check_complete(grid)
         evidence = self.privacy.evidence(grid)
         train, ev = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
         metrics = tuple(
@@ -452,9 +459,9 @@ def run_server(
             status = "FINISHED"
             return summary
         federation = FlowerFederation(grid, cfg, scenario.n_clients)
-        if cfg.run.resume:
-            # The lineage's privacy account survives restarts: replay its DP campaigns.
-            federation.privacy.restore(tracker.versions())
+        # The privacy account belongs to the devices' data, not to one process or
+        # model: a restarted (or --fresh) server replays the lineage's DP campaigns.
+        federation.privacy.restore(tracker.versions() if cfg.run.resume else ())
         orch = Orchestrator(
             federation,
             MlflowRegistry(tracker, scenario, cfg),

@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import FedgeConfig, PrivacyConfig
+from fedge.config import MIN_SECURE_DEVICES, FedgeConfig, PrivacyConfig
+from fedge.engines.quorum import ReplyQuorum
 from fedge.orchestrator import CampaignRefused
 from fedge.privacy import PrivacyBudget, Spend, local_dp_params
+from fedge.state import JsonState
 from strategies.dp import wrap_strategy_for_dp
 from strategies.secagg import SecAggGrid, SecAggRoundReport, secagg_config
 
 log = logging.getLogger("fedge.privacy")
 
-#: Fewest devices a secure round accepts: with two, each could subtract its own update.
-MIN_SECURE_DEVICES = 3
 
 CENTRAL = ("central-server", "central-client")
 
@@ -79,8 +80,10 @@ class PrivateCampaigns:
         The run configuration; only ``privacy`` and ``monitor.window`` are read.
     """
 
-    def __init__(self, cfg: FedgeConfig) -> None:
+    def __init__(self, cfg: FedgeConfig, ledger: Path | None = None) -> None:
         self.cfg = cfg.privacy
+        self.reply_timeout = cfg.run.reply_timeout
+        self.ledger = JsonState(ledger) if ledger is not None else None
         self.secure = cfg.privacy.secure_aggregation
         self.dp = cfg.privacy.dp
         self.local = local_dp_params(cfg.privacy)
@@ -134,10 +137,17 @@ class PrivateCampaigns:
         if reason is not None:
             raise CampaignRefused(f"{reason}; no further campaign will start")
         self._spend = self.budget.charge(rounds, label=label)
+        if self.ledger is not None:
+            # Written before any noised update is released: an abandoned or
+            # crashed campaign stays charged across restarts.
+            self.ledger.save({"spends": [vars(s) for s in self.budget.spends]})
 
     def apply(self, strategy: Strategy, grid: Grid, nodes: Sequence[int]) -> tuple[Strategy, Grid]:
         """The campaign's strategy and grid with central DP and secure aggregation on."""
         if self.dp in CENTRAL:
+            # The noise is calibrated for every device of the campaign: a round
+            # short of any of them abandons the campaign.
+            grid = ReplyQuorum(grid, len(nodes), self.reply_timeout)
             strategy = wrap_strategy_for_dp(
                 strategy,
                 self.cfg.noise_multiplier,
@@ -153,6 +163,21 @@ class PrivateCampaigns:
         return strategy, grid
 
     # -- after a campaign ------------------------------------------------------------------
+
+    def check_complete(self, grid: Grid) -> None:
+        """Refuse a central-DP campaign whose secure rounds lost devices.
+
+        Raises
+        ------
+        CampaignRefused
+            The aggregate holds fewer updates than the noise was calibrated for.
+        """
+        if self.dp in CENTRAL and isinstance(grid, SecAggGrid) and _dropped(grid.reports):
+            raise CampaignRefused(
+                f"campaign abandoned: {_dropped(grid.reports)} devices dropped out of secure "
+                "aggregation and the central DP noise was calibrated for all of them; "
+                "nothing registered"
+            )
 
     def evidence(self, grid: Grid) -> Evidence:
         """Tags for the campaign's model version and metrics for the run."""
@@ -202,13 +227,26 @@ class PrivateCampaigns:
     # -- across runs -----------------------------------------------------------------------
 
     def restore(self, versions: Iterable[Mapping[str, Any]]) -> int:
-        """Charge the budget again with the DP campaigns recorded on earlier model versions.
+        """Charge the budget again with the lineage's earlier DP campaigns.
 
-        A restarted server so keeps the lineage's account. Returns how many
-        campaigns were replayed.
+        From the ledger file when there is one (every admitted campaign), else
+        from the tags of earlier model versions. A restarted server so keeps
+        the lineage's account. Returns how many campaigns were replayed.
         """
         if self.budget is None:
             return 0
+        saved = self.ledger.load() if self.ledger is not None else None
+        if saved and isinstance(saved.get("spends"), list):
+            # The ledger holds every admitted campaign, also those that registered nothing.
+            for spend in saved["spends"]:
+                try:
+                    rounds, z = int(spend["rounds"]), float(spend["noise_multiplier"])
+                    q, label = float(spend.get("sampling_rate", 1.0)), str(spend.get("label", ""))
+                except (KeyError, TypeError, ValueError):
+                    log.warning("privacy ledger %s: unreadable entry %r, not replayed", self.ledger, spend)
+                    continue
+                self.budget.charge(rounds, z, q, label=label, enforce=False)
+            return self._replayed(len(self.budget.spends))
         replayed = 0
         for version in sorted(versions, key=lambda v: int(v.get("version", 0))):
             tags = version.get("tags", {})
@@ -222,6 +260,10 @@ class PrivateCampaigns:
                 continue
             self.budget.charge(rounds, z, label=f"v{version.get('version')}", enforce=False)
             replayed += 1
+        return self._replayed(replayed)
+
+    def _replayed(self, replayed: int) -> int:
+        assert self.budget is not None
         if replayed:
             log.info(
                 "privacy budget: %d earlier campaigns replayed, epsilon %.3f of %g spent",

@@ -230,3 +230,60 @@ def test_secure_aggregation_runs_on_flowers_simulation_engine_like_in_process(
     )
     for v in flower["versions"]:
         assert v["tags"]["fedge.aggregation"] == "secagg+ (k=3 of 3, t=2)"
+
+
+def test_central_dp_abandons_a_short_round_and_the_spend_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Noise calibrated for four devices must not go on an average of three."""
+    overrides = [
+        f'run.output_dir="{tmp_path}"',
+        *BASE,
+        'privacy.dp="central-client"',
+        "privacy.noise_multiplier=2.0",
+        "privacy.epsilon_budget=1000",
+        "run.reply_timeout=2",
+    ]
+    cfg = load_config(None, overrides)
+    folder = tmp_path / "run"
+    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
+    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
+    nodes = sorted(grid.get_node_ids())
+
+    def drop_after_first_poll(request: Message, reply: Message) -> None:
+        # The last device answers tick 0's poll, then is gone before training.
+        if request.metadata.message_type == "query" and request.metadata.dst_node_id == nodes[-1]:
+            grid.offline.add(nodes[-1])
+
+    grid.on_exchange = drop_after_first_poll
+    try:
+        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
+    finally:
+        forget_devices()
+    # Tick 0's campaign lost a device mid-round: abandoned, nothing registered.
+    # Tick 1 polls the three that are left and trains them, noise calibrated for three.
+    assert summary["refused"] == [
+        {"tick": 0, "reason": summary["refused"][0]["reason"]}
+    ] and "campaign abandoned" in summary["refused"][0]["reason"]
+    version = summary["versions"][0]
+    assert version["tags"]["fedge.trigger_tick"] == "1"
+    assert version["tags"]["fedge.participating_devices"] == "3"
+    # The abandoned campaign's noised rounds went out: they stay charged.
+    ledger = PrivacyBudget(1000, 1e-5, noise_multiplier=2.0)
+    both = ledger.spent_after(6)
+    assert float(version["tags"]["fedge.epsilon"]) == pytest.approx(both, abs=1e-4)
+    rounds = 3 + sum(c["rounds"] for c in summary["campaigns"])
+    assert summary["privacy_budget"]["epsilon_spent"] == pytest.approx(
+        ledger.spent_after(rounds), abs=1e-4
+    )
+
+    # A restarted server (a new run of the lineage) replays both from the ledger,
+    # the abandoned one included, though only one version carries DP tags.
+    again, _, _ = run(
+        tmp_path,
+        ['privacy.dp="central-client"', "privacy.noise_multiplier=2.0", "privacy.epsilon_budget=1000"],
+        name="run-2",
+    )
+    labels = [c["label"] for c in again["privacy_budget"]["campaigns"]]
+    assert labels[:2] == ["tick 0", "tick 1"]
+    assert again["privacy_budget"]["epsilon_spent"] > ledger.spent_after(rounds)
