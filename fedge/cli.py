@@ -87,6 +87,9 @@ def run_cmd(
     if folder is not None and (folder / "summary.json").exists():
         _fail(f"--run-dir {folder}: holds a finished run (summary.json); give a new folder")
         return
+    if folder is not None and fresh and (folder / "devices").exists():
+        _fail(f"--run-dir {folder}: --fresh needs a new folder; the devices there remember their ticks")
+        return
     try:
         cfg = request.config()
         if engine == "inprocess" and not quiet:
@@ -140,6 +143,23 @@ def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str,
         return run(request, on_tick=on_tick, run_dir=folder)
 
 
+def _privacy_columns(versions: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The privacy columns of a versions table: none unless some version carries them."""
+    if any("fedge.aggregation" in v["tags"] for v in versions):
+        return ("aggregation", "DP", "epsilon")
+    return ()
+
+
+def _privacy_cells(tags: dict[str, str], columns: tuple[str, ...]) -> list[str]:
+    if not columns:
+        return []
+    return [
+        tags.get("fedge.aggregation", "plaintext"),
+        tags.get("fedge.dp", "none"),
+        tags.get("fedge.epsilon", "-"),
+    ]
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     console.rule(f"[bold]{s['scenario']}[/] on {s['engine']} in {s.get('wall_seconds', '?')} s")
     if s.get("resumed_from"):
@@ -188,13 +208,10 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"(delta {budget['delta']:g}) over {len(budget['campaigns'])} DP campaigns",
             highlight=False,
         )
-    private = any("fedge.aggregation" in v["tags"] for v in s["versions"])
+    private = _privacy_columns(s["versions"])
     vers = Table(title=f"Model versions of {s['model_name']}", title_justify="left")
-    for col in ("version", "aliases", "parent", "trigger"):
+    for col in ("version", "aliases", "parent", "trigger", *private):
         vers.add_column(col)
-    if private:
-        for col in ("aggregation", "DP", "epsilon"):
-            vers.add_column(col)
     for v in s["versions"]:
         tags = v["tags"]
         row = [
@@ -203,13 +220,7 @@ def _print_summary(s: dict[str, Any]) -> None:
             tags.get("fedge.parent_version", "?"),
             tags.get("fedge.trigger_reason", "").split(":")[0],
         ]
-        if private:
-            row += [
-                tags.get("fedge.aggregation", "plaintext"),
-                tags.get("fedge.dp", "none"),
-                tags.get("fedge.epsilon", "-"),
-            ]
-        vers.add_row(*row)
+        vers.add_row(*row, *_privacy_cells(tags, private))
     console.print(vers)
     console.print(
         f"Champion: [bold]v{s['champion']}[/]   rejected rows: {s['rejected_rows']}   "
@@ -242,11 +253,8 @@ def versions_cmd(
         console.print(f"No registered models at {uri}.")
         return
     table = Table(title=f"Model versions at {uri}", title_justify="left")
-    private = any("fedge.aggregation" in v["tags"] for v in rows)
-    columns = ["model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run"]
-    if private:
-        columns += ["aggregation", "DP", "epsilon"]
-    for col in columns:
+    private = _privacy_columns(rows)
+    for col in ("model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run", *private):
         table.add_column(col)
     for v in rows:
         tags = v["tags"]
@@ -260,13 +268,7 @@ def versions_cmd(
             tags.get("fedge.campaign_rounds", ""),
             str(v.get("run_id", ""))[:8],
         ]
-        if private:
-            row += [
-                tags.get("fedge.aggregation", "plaintext"),
-                tags.get("fedge.dp", "none"),
-                tags.get("fedge.epsilon", "-"),
-            ]
-        table.add_row(*row)
+        table.add_row(*row, *_privacy_cells(tags, private))
     console.print(table)
 
 

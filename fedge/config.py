@@ -218,7 +218,8 @@ class RunConfig:
     ``workers`` (in-process engine only) runs the devices in that many worker
     processes, each device always in the same one; the numbers are the same
     as with one. Worth it when devices' training dominates a round (many
-    devices, more cores).
+    devices, more cores). A worker that dies is not restarted: its devices
+    stay unreachable for the rest of the run.
     """
 
     output_dir: str = "fedge-runs"
