@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (
 from fedge import model as nets
 from fedge import protocol as p
 from fedge.config import FedgeConfig
-from fedge.engines.quorum import ReplyQuorum, ShortRound
+from fedge.engines.quorum import ReplyQuorum, ShortRound, missing_by_round
 from fedge.engines.view import GridView
 from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_history
 from fedge.orchestrator import (
@@ -306,6 +306,8 @@ class FlowerFederation:
         self.privacy.check_complete(grid)
         evidence = self.privacy.evidence(grid)
         train, ev = result.train_metrics_clientapp, result.evaluate_metrics_clientapp
+        # Devices the quorum went on without, per round: the counts say who trained.
+        missing = missing_by_round(self.grid, tick)
         metrics = tuple(
             RoundMetrics(
                 round=first_round + r - 1,
@@ -313,12 +315,17 @@ class FlowerFederation:
                 eval_acc=_metric(ev, r, p.EVAL_ACC),
                 eval_loss=_metric(ev, r, p.EVAL_LOSS),
                 champion_acc=_metric(ev, r, p.CHAMPION_ACC),
-                n_devices=len(nodes),
+                n_devices=len(nodes) - len(missing.get(r, ())),
             )
             for r in range(1, rounds + 1)
         )
+        absent = set(nodes).intersection(*(missing.get(r, set()) for r in range(1, rounds + 1)))
         return CampaignOutcome(
-            from_arrays(result.arrays), metrics, len(nodes), evidence.tags, evidence.metrics
+            from_arrays(result.arrays),
+            metrics,
+            len(nodes) - len(absent),
+            evidence.tags,
+            evidence.metrics,
         )
 
     def _start(

@@ -81,6 +81,7 @@ def test_round_goes_on_without_a_device_that_stops_answering(tmp_path: Path) -> 
         (1, "train", 2, 3), (1, "evaluate", 2, 3), (2, "train", 2, 3), (2, "evaluate", 2, 3)
     }
     assert all(r["missing_nodes"] == [1002] for r in short)
+    assert s["versions"][0]["tags"]["fedge.participating_devices"] == "2", "who trained, not who was asked"
     assert [t["n_samples"] // 100 for t in s["ticks"]] == [3, 3, 3], "it is back for the next poll"
     device = Device(cfg, 2, folder / "devices" / "device-2.sqlite")
     try:

@@ -76,6 +76,8 @@ class ReplyQuorum(GridView):
         self.min_devices = min_devices
         self.timeout = timeout
         self.on_short = on_short
+        #: Every short round so far, in order.
+        self.shorts: list[ShortRound] = []
 
     def __repr__(self) -> str:
         return f"ReplyQuorum(min_devices={self.min_devices}, timeout={self.timeout})"
@@ -106,9 +108,19 @@ class ReplyQuorum(GridView):
                 f"campaign.min_devices is {self.min_devices}"
             )
         log.warning("%s; the round goes on with them", short.describe(wait))
+        self.shorts.append(short)
         if self.on_short is not None:
             self.on_short(short)
         return replies
+
+
+def missing_by_round(grid: Grid, tick: int, kind: str = MessageType.TRAIN) -> dict[int, set[int]]:
+    """Per strategy round of ``tick``, the nodes ``grid``'s quorum went on without (empty: none)."""
+    out: dict[int, set[int]] = {}
+    for short in getattr(grid, "shorts", ()):
+        if short.tick == tick and short.kind == kind:
+            out.setdefault(short.round, set()).update(short.missing_nodes)
+    return out
 
 
 def _config_int(message: Message, key: str) -> int:
