@@ -154,13 +154,15 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if self.meta("created") is None:
+                self.set_meta("created", repr(time.time()))
         except sqlite3.Error as exc:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
             self._release()
             raise OutboxError(
                 f"tracking outbox {journal} is unreadable ({exc}); move it aside to start a new one"
             ) from None
-        if self.meta("created") is None:
-            self.set_meta("created", repr(time.time()))
 
     def __repr__(self) -> str:
         return f"Outbox(folder={str(self.folder)!r})"
