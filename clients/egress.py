@@ -94,27 +94,17 @@ def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
     Parameters
     ----------
     audit_path : callable
-        Gives the audit log file of the device a context belongs to.
+        Gives the audit log file of the device a context belongs to; it runs
+        for every message, so it should be cheap (``clients.client_app``
+        resolves a node's paths once).
     """
     logs: dict[Path, AuditLog] = {}
-    # Finding the path takes the run configuration apart; a node's context says the same
-    # thing on every message, so the log is looked up by what the path depends on.
-    known: dict[tuple[object, ...], AuditLog] = {}
 
     def egress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        key = (
-            context.run_id,
-            context.node_id,
-            tuple(sorted(context.node_config.items())),
-            tuple(sorted(context.run_config.items())),
-        )
-        audit = known.get(key)
+        path = audit_path(context)
+        audit = logs.get(path)
         if audit is None:
-            path = audit_path(context)
-            audit = logs.get(path)
-            if audit is None:
-                audit = logs[path] = AuditLog(path)
-            known[key] = audit
+            audit = logs[path] = AuditLog(path)
         try:
             reply = call_next(msg, context)
         except Exception as exc:  # noqa: BLE001 - an exception text may quote local data

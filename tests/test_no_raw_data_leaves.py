@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Message
+from inprocess_helpers import run_captured
 
-from clients.client_app import app as client_app
-from clients.client_app import forget_devices
 from fedge.audit import summarise, verify
 from fedge.config import load_config
-from fedge.engines.inprocess import InProcessGrid
 from fedge.protocol import EGRESS
 from fedge.report import write_report
 from fedge.scenarios import build_scenario
-from fedge.server_app import run_server
 
 
 def test_only_the_contract_crosses_and_no_raw_sample_does(tmp_path: Path) -> None:
@@ -29,14 +25,7 @@ def test_only_the_contract_crosses_and_no_raw_sample_does(tmp_path: Path) -> Non
     ]
     cfg = load_config(None, overrides)
     folder = tmp_path / "run"
-    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
-    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
-    crossed: list[tuple[Message, Message]] = []
-    grid.on_exchange = lambda request, reply: crossed.append((request, reply))
-    try:
-        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
-    finally:
-        forget_devices()
+    summary, crossed = run_captured(overrides, folder)
     assert len(summary["campaigns"]) >= 2
 
     scenario = build_scenario(cfg.scenario)

@@ -15,15 +15,13 @@ import mlflow
 import numpy as np
 import pytest
 from flwr.app import Message
+from inprocess_helpers import run_captured
 
-from clients.client_app import app as client_app
-from clients.client_app import forget_devices
 from fedge.audit import summarise, verify
 from fedge.config import ConfigError, load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.privacy import PrivacyBudget
 from fedge.report import write_report
-from fedge.server_app import run_server
 from fedge.tracking import Tracker
 
 BASE = [
@@ -39,16 +37,8 @@ def run(
     tmp_path: Path, extra: list[str], name: str = "run"
 ) -> tuple[dict[str, Any], list[tuple[Message, Message]], Path]:
     overrides = [f'run.output_dir="{tmp_path}"', *BASE, *extra]
-    cfg = load_config(None, overrides)
     folder = tmp_path / name
-    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
-    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
-    crossed: list[tuple[Message, Message]] = []
-    grid.on_exchange = lambda request, reply: crossed.append((request, reply))
-    try:
-        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
-    finally:
-        forget_devices()
+    summary, crossed = run_captured(overrides, folder)
     return summary, crossed, folder
 
 
@@ -244,22 +234,15 @@ def test_central_dp_abandons_a_short_round_and_the_spend_survives_a_restart(
         "privacy.epsilon_budget=1000",
         "run.reply_timeout=2",
     ]
-    cfg = load_config(None, overrides)
-    folder = tmp_path / "run"
-    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
-    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
-    nodes = sorted(grid.get_node_ids())
+    nodes: list[int] = []
 
-    def drop_after_first_poll(request: Message, reply: Message) -> None:
+    def drop_after_first_poll(grid: InProcessGrid, request: Message, reply: Message) -> None:
         # The last device answers tick 0's poll, then is gone before training.
+        nodes[:] = nodes or sorted(grid.get_node_ids())
         if request.metadata.message_type == "query" and request.metadata.dst_node_id == nodes[-1]:
             grid.offline.add(nodes[-1])
 
-    grid.on_exchange = drop_after_first_poll
-    try:
-        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
-    finally:
-        forget_devices()
+    summary, _ = run_captured(overrides, tmp_path / "run", drop_after_first_poll)
     # Tick 0's campaign lost a device mid-round: abandoned, nothing registered.
     # Tick 1 polls the three that are left and trains them, noise calibrated for three.
     assert summary["refused"] == [
