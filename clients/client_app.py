@@ -2,7 +2,7 @@
 
 Each handler finds this node's :class:`~clients.device.Device` (its store lives
 in ``<run dir>/devices/device-<partition id>.sqlite``), does one thing, and
-replies with the records :mod:`fedge.protocol` allows.
+replies with the records :mod:`fedge.contracts.protocol` allows.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from flwr.clientapp import ClientApp
 from clients.device import Device
 from clients.egress import make_egress_mod
 from clients.secagg import privacy_mods, register_secagg_actions
-from fedge import protocol as p
-from fedge.privacy import LocalDpParams, local_dp_params
-from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
+from fedge.contracts import protocol as p
+from fedge.privacy.accounting import LocalDpParams, local_dp_params
+from fedge.contracts.wire import config_from_context, from_arrays, run_dir, to_arrays
 
 log = logging.getLogger("fedge.device")
 

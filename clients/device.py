@@ -28,10 +28,10 @@ from clients.ingest import Batch, Inbox, inbox_path
 from clients.monitor import DriftMonitor
 from clients.store import DeviceStore
 from clients.validation import validate_rows
-from fedge import model as nets
-from fedge.compression import encode_update
-from fedge.config import FedgeConfig
-from fedge.protocol import MAX_LATE_REPORTS, DriftReport
+from fedge.contracts import model as nets
+from fedge.contracts.compression import encode_update
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.protocol import MAX_LATE_REPORTS, DriftReport
 from fedge.scenarios import Scenario, build_scenario
 
 log = logging.getLogger("fedge.device")
@@ -405,7 +405,7 @@ class Device:
         reference : dict of ndarray
             The global model this round started from.
         codec : {"none", "float16", "int8"}
-            The codec the server asked for (see :mod:`fedge.compression`).
+            The codec the server asked for (see :mod:`fedge.contracts.compression`).
         tick : int
             The campaign's tick.
 

@@ -1,6 +1,6 @@
 """The egress policy, enforced on every message a device sends.
 
-:func:`egress_violations` compares a reply with :data:`fedge.protocol.EGRESS`;
+:func:`egress_violations` compares a reply with :data:`fedge.contracts.protocol.EGRESS`;
 :func:`make_egress_mod` turns that into a Flower client mod that blocks any
 reply outside the contract (the server receives an error instead, and the
 device logs why) and records every outgoing message in the device's
@@ -18,10 +18,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients.secagg import secagg_egress_violations
-from fedge.audit import AuditLog
-from fedge.compression import CODECS, encoded_shapes
-from fedge.protocol import COMPRESSION, CONFIG, EGRESS
-from fedge.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
+from fedge.privacy.audit import AuditLog
+from fedge.contracts.compression import CODECS, encoded_shapes
+from fedge.contracts.protocol import COMPRESSION, CONFIG, EGRESS
+from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 log = logging.getLogger("fedge.device")
 

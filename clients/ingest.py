@@ -57,7 +57,7 @@ import numpy as np
 from clients.validation import REJECT_REASONS, validate_rows
 
 if TYPE_CHECKING:
-    from fedge.config import FedgeConfig
+    from fedge.contracts.config import FedgeConfig
 
 INBOX_SUFFIX = ".inbox.sqlite"
 OnInvalid = Literal["raise", "drop"]

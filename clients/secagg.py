@@ -59,8 +59,8 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from fedge import secagg_protocol as sp
-from fedge.privacy import LocalDpParams
+from fedge.privacy import secagg_protocol as sp
+from fedge.privacy.accounting import LocalDpParams
 
 log = logging.getLogger("fedge.device")
 
@@ -508,7 +508,7 @@ def secagg_egress_violations(request: Message, reply: Message) -> list[str]:
     """Every way a reply to a ``query.secagg_*`` message breaks the secure-aggregation contract.
 
     For the device's egress policy: a reply may carry only the ``secagg``
-    config record with the keys :data:`fedge.secagg_protocol.DEVICE_REPLIES`
+    config record with the keys :data:`fedge.privacy.secagg_protocol.DEVICE_REPLIES`
     lists for its stage (public keys, encrypted shares, share lists), each of
     the listed kind. The masked ``train`` reply already fits the ordinary
     ``train`` policy. Returns an empty list for other message types.

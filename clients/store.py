@@ -369,7 +369,7 @@ class DeviceStore:
         tick
             Monitoring tick the report belongs to.
         report
-            Its fields: scalars only (what :class:`fedge.protocol.DriftReport` holds).
+            Its fields: scalars only (what :class:`fedge.contracts.protocol.DriftReport` holds).
 
         Returns
         -------

@@ -17,9 +17,9 @@ from typing import Any
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.config import load_config
+from fedge.contracts.config import load_config
 from fedge.engines.inprocess import InProcessGrid
-from fedge.server_app import run_server
+from fedge.server.app import run_server
 
 SETTINGS: list[tuple[str, list[str]]] = [
     ("plaintext", []),

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.orchestrator import CampaignRecord, TickRecord
+from fedge.core.orchestrator import CampaignRecord, TickRecord
 
 
 def rss_mib(pid: int | str = "self") -> float:
@@ -93,7 +93,7 @@ def store_bytes(folder: Path) -> int:
 
 # -- in-process --------------------------------------------------------------------------------
 def soak_inprocess(out: Path, devices: int, ticks: int, period: int, every: int) -> bool:
-    from fedge.config import load_config
+    from fedge.contracts.config import load_config
     from fedge.runner import RunRequest, feed_devices, run_inprocess
 
     items = tuple(overrides(out, devices, ticks, period))
@@ -208,7 +208,7 @@ def _role(argv: Sequence[bytes], env: Sequence[bytes]) -> str | None:
 
 
 def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
-    from fedge.config import load_config
+    from fedge.contracts.config import load_config
     from fedge.deploy.launcher import start_deployment
     from fedge.runner import feed_devices
 

@@ -69,7 +69,7 @@ def run_cmd(
     ] = None,
 ) -> None:
     """Run a drift scenario end to end and print what happened."""
-    from fedge.config import ConfigError
+    from fedge.contracts.config import ConfigError
     from fedge.engines import EngineError
     from fedge.runner import RunRequest, run
     from fedge.tracking import TrackingError
@@ -109,7 +109,7 @@ def run_cmd(
 
 
 def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str, Any]:
-    from fedge.orchestrator import CampaignRecord, TickRecord
+    from fedge.core.orchestrator import CampaignRecord, TickRecord
     from fedge.runner import run
 
     with Progress(
@@ -198,7 +198,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     for r in s.get("refused", []):
         reasons.setdefault(r["reason"], []).append(r["tick"])
     for reason, ticks in reasons.items():
-        from fedge.report import tick_ranges
+        from fedge.privacy.report import tick_ranges
 
         console.print(f"[red]No campaign[/] at ticks {tick_ranges(ticks)}: {reason}", highlight=False)
     budget = s.get("privacy_budget")
@@ -298,7 +298,7 @@ def sync_cmd(
 @app.command("scenarios")
 def scenarios_cmd() -> None:
     """List the ready scenarios shipped in experiments/."""
-    from fedge.config import ConfigError, load_config
+    from fedge.contracts.config import ConfigError, load_config
     from fedge.runner import scenario_files
 
     table = Table(title="Scenarios", title_justify="left")
@@ -327,7 +327,7 @@ def audit_cmd(
     log: Annotated[Path, typer.Argument(help="A device's audit log (*.audit.jsonl).")],
 ) -> None:
     """Verify a device's hash-chained audit log and summarise what it sent."""
-    from fedge.audit import summarise, verify
+    from fedge.privacy.audit import summarise, verify
 
     verdict = verify(log)
     if not verdict.ok:
@@ -353,7 +353,7 @@ def report_cmd(
     log_to_mlflow: Annotated[bool, typer.Option(help="Attach the report to the run.")] = True,
 ) -> None:
     """Write the compliance report of a run and attach it to its MLflow run."""
-    from fedge.report import write_report
+    from fedge.privacy.report import write_report
     from fedge.tracking import TrackingError, attach_artifact
 
     try:
@@ -405,7 +405,7 @@ def feddrift_cmd(
     """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
     import time as _time
 
-    from fedge.feddrift import Benchmark, Settings, check_targets, run_benchmark, write_results
+    from experiments.feddrift import Benchmark, Settings, check_targets, run_benchmark, write_results
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen: dict[str, str] = {}
@@ -449,7 +449,7 @@ def feddrift_cmd(
     seconds = _time.perf_counter() - started
     out = write_results(rows, results.expanduser().resolve(), seconds, bench, work)
     table = Table(title=f"FedDrift protocol, {seeds} seeds, {seconds:.0f} s", title_justify="left")
-    from fedge.feddrift import TABLE_COLUMNS, table_rows
+    from experiments.feddrift import TABLE_COLUMNS, table_rows
 
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -461,7 +461,7 @@ def feddrift_cmd(
     if page is not None:
         import os as _os
 
-        from fedge.feddrift import render_page
+        from experiments.feddrift import render_page
 
         target = page.expanduser().resolve()
         link = _os.path.relpath(results.expanduser().resolve(), target.parent)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.config import FedgeConfig, load_config, resolve_path
-from fedge.orchestrator import CampaignRecord, TickRecord
-from fedge.server_app import TickCallback
+from fedge.contracts.config import FedgeConfig, load_config, resolve_path
+from fedge.core.orchestrator import CampaignRecord, TickRecord
+from fedge.server.app import TickCallback
 
 ENGINES = ("inprocess", "simulation", "deployment")
 
@@ -63,7 +63,7 @@ def run(
 ) -> dict[str, Any]:
     """Run ``request`` and return the summary dict (also in ``<run dir>/summary.json``)."""
     if request.engine not in ENGINES:
-        from fedge.config import ConfigError
+        from fedge.contracts.config import ConfigError
 
         raise ConfigError(f"engine: {request.engine!r} is not allowed; allowed: {', '.join(ENGINES)}")
     scenario = resolve_path(request.scenario) if request.scenario else None
@@ -103,7 +103,7 @@ def run_inprocess(
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
     from fedge.engines.inprocess import InProcessGrid
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     grid = InProcessGrid(client_app, cfg.scenario.clients, run_config, workers=cfg.run.workers)
@@ -125,7 +125,7 @@ def quiet_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
 
 def scenario_files(folder: Path | None = None) -> Sequence[Path]:
     """The ready scenarios shipped in ``experiments/``."""
-    from fedge.config import PROJECT_ROOT
+    from fedge.contracts.config import PROJECT_ROOT
 
     base = folder or PROJECT_ROOT / "experiments"
     return sorted(base.glob("*.toml"))

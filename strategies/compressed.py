@@ -10,9 +10,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge import protocol as p
-from fedge.compression import CODECS, decode_update
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts import protocol as p
+from fedge.contracts.compression import CODECS, decode_update
+from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.aggregation import array_view
 from strategies.wrapper import StrategyWrapper
 
@@ -24,7 +24,7 @@ class CompressedUploads(StrategyWrapper):
 
     The wrapped strategy samples, configures and aggregates as it always does;
     this wrapper only adds the codec to each train message's config (the
-    device encodes its update with it, see :mod:`fedge.compression`) and turns
+    device encodes its update with it, see :mod:`fedge.contracts.compression`) and turns
     each reply back into full weights, relative to the global model sent that
     round, before the wrapped strategy sees it. A reply that cannot be decoded
     is logged and dropped.

@@ -14,7 +14,7 @@ wrappers around the campaign's strategy:
 
 Both add noise of std ``noise_multiplier * clipping_norm / num_sampled_clients``
 to the average. The epsilon this costs is accounted by
-:class:`fedge.privacy.PrivacyBudget`.
+:class:`fedge.privacy.accounting.PrivacyBudget`.
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ from typing import Any
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.config import MIN_SECURE_DEVICES, FedgeConfig, PrivacyConfig
+from fedge.contracts.config import MIN_SECURE_DEVICES, FedgeConfig, PrivacyConfig
 from fedge.engines.quorum import ReplyQuorum
-from fedge.orchestrator import CampaignRefused
-from fedge.privacy import PrivacyBudget, Spend, local_dp_params
-from fedge.state import JsonState
+from fedge.core.orchestrator import CampaignRefused
+from fedge.privacy.accounting import PrivacyBudget, Spend, local_dp_params
+from fedge.core.state import JsonState
 from strategies.dp import wrap_strategy_for_dp
 from strategies.secagg import SecAggGrid, SecAggRoundReport, secagg_config
 

@@ -55,7 +55,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from numpy.typing import NDArray
 
-from fedge import secagg_protocol as sp
+from fedge.privacy import secagg_protocol as sp
 from fedge.engines.view import GridView
 
 log = logging.getLogger("fedge.secagg")
@@ -652,7 +652,7 @@ def secagg_config(privacy: Any, *, equal_weights: bool, max_weight: float) -> Se
 
     Parameters
     ----------
-    privacy : fedge.config.PrivacyConfig
+    privacy : fedge.contracts.config.PrivacyConfig
         ``secagg_shares`` and ``secagg_threshold``: fractions up to 1, whole counts above.
     equal_weights : bool
         Devices report a weight of 1 (DP campaigns): the quantiser's weight scale is 1.

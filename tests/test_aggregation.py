@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
 from fedge.engines.inprocess import InProcessGrid
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.aggregation import aggregate_arrayrecords, array_view, weighted_average
 from strategies.fedavg import FedAvg
 

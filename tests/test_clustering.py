@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from fedge.multimodel import ClusterView, MultiModelOrchestrator
-from fedge.orchestrator import CampaignOutcome, RoundMetrics
-from fedge.protocol import DriftReport
-from strategies.drift_clustering import DriftClustering, cluster_distance, merge_agreeing
+from fedge.core.pool import ClusterView, MultiModelOrchestrator
+from fedge.core.orchestrator import CampaignOutcome, RoundMetrics
+from fedge.contracts.protocol import DriftReport
+from fedge.core.clustering import DriftClustering, cluster_distance, merge_agreeing
 
 
 def _report(device: int, drift: bool = False) -> DriftReport:

@@ -11,12 +11,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from clients.device import Device
-from fedge import model as nets
-from fedge import protocol as p
-from fedge.compression import BLOCK, decode_update, encode_update, encoded_shapes
-from fedge.config import FedgeConfig, load_config
+from fedge.contracts import model as nets
+from fedge.contracts import protocol as p
+from fedge.contracts.compression import BLOCK, decode_update, encode_update, encoded_shapes
+from fedge.contracts.config import FedgeConfig, load_config
 from fedge.engines.inprocess import InProcessGrid
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.compressed import CompressedUploads
 
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedge.cli import app
-from fedge.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError, load_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

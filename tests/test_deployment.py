@@ -21,7 +21,7 @@ from cryptography import x509
 
 from clients.device import Device
 from clients.ingest import Inbox, inbox_path
-from fedge.config import ConfigError
+from fedge.contracts.config import ConfigError
 from fedge.deploy import DeployError
 from fedge.deploy.certs import ensure_tls
 from fedge.deploy.keys import create_node_key

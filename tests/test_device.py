@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from clients.device import Device
-from fedge import model as nets
-from fedge.config import load_config
+from fedge.contracts import model as nets
+from fedge.contracts.config import load_config
 
 CFG = load_config(
     None,

@@ -56,9 +56,9 @@ def test_inprocess_and_flower_simulation_agree(tmp_path: Path) -> None:
 def _run_on_grid(tmp_path: Path, workers: int) -> tuple[dict, list[tuple[str, str, bool]], Path]:
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
-    from fedge.config import load_config
+    from fedge.contracts.config import load_config
     from fedge.engines.inprocess import InProcessGrid
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     overrides = [*SMALL, "scenario.clients=5", f'run.output_dir="{tmp_path}"']
     cfg = load_config(EXPERIMENTS / "sine2_sudden.toml", overrides)
@@ -81,7 +81,7 @@ def _run_on_grid(tmp_path: Path, workers: int) -> tuple[dict, list[tuple[str, st
 
 
 def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
-    from fedge.audit import summarise, verify
+    from fedge.privacy.audit import summarise, verify
 
     one, crossed_one, devices_one = _run_on_grid(tmp_path / "one", workers=1)
     two, crossed_two, devices_two = _run_on_grid(tmp_path / "two", workers=2)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedge.feddrift import (
+from experiments.feddrift import (
     Settings,
     Task,
     aggregate,

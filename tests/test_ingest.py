@@ -10,7 +10,7 @@ import pytest
 
 from clients.ingest import Inbox, IngestError, feed_scenario, inbox_path, main
 from clients.validation import validate_rows
-from fedge.config import load_config
+from fedge.contracts.config import load_config
 from fedge.scenarios import build_scenario
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from inprocess_helpers import run_captured
 
-from fedge.audit import summarise, verify
-from fedge.config import load_config
-from fedge.protocol import EGRESS
-from fedge.report import write_report
+from fedge.privacy.audit import summarise, verify
+from fedge.contracts.config import load_config
+from fedge.contracts.protocol import EGRESS
+from fedge.privacy.report import write_report
 from fedge.scenarios import build_scenario
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from fedge.orchestrator import CampaignOutcome, Orchestrator, RoundMetrics, drift_recoveries
-from fedge.protocol import DriftReport
-from fedge.state import JsonState, state_path
-from fedge.triggers import Always, DriftQuorum, Never, Periodic
+from fedge.core.orchestrator import CampaignOutcome, Orchestrator, RoundMetrics, drift_recoveries
+from fedge.contracts.protocol import DriftReport
+from fedge.core.state import JsonState, state_path
+from fedge.core.triggers import Always, DriftQuorum, Never, Periodic
 
 
 class FakeFederation:
@@ -167,8 +167,8 @@ def test_recoveries_read_accuracy_around_each_drift() -> None:
 
 def test_core_imports_neither_flower_nor_mlflow() -> None:
     code = (
-        "import sys; import fedge.orchestrator, fedge.multimodel, fedge.triggers, fedge.protocol,"
-        " fedge.config;"
+        "import sys; import fedge.core.orchestrator, fedge.core.pool, fedge.core.triggers, fedge.contracts.protocol,"
+        " fedge.contracts.config;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'mlflow')];"
         "print(','.join(bad))"
     )

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.engines.inprocess import InProcessGrid
-from fedge.privacy import (
+from fedge.privacy.accounting import (
     DEFAULT_ORDERS,
     LocalDpParams,
     PrivacyBudget,

@@ -17,11 +17,11 @@ import pytest
 from flwr.app import Message
 from inprocess_helpers import run_captured
 
-from fedge.audit import summarise, verify
-from fedge.config import ConfigError, load_config
+from fedge.privacy.audit import summarise, verify
+from fedge.contracts.config import ConfigError, load_config
 from fedge.engines.inprocess import InProcessGrid
-from fedge.privacy import PrivacyBudget
-from fedge.report import write_report
+from fedge.privacy.accounting import PrivacyBudget
+from fedge.privacy.report import write_report
 from fedge.tracking import Tracker
 
 BASE = [
@@ -139,7 +139,7 @@ def test_local_dp_noises_each_update_as_configured(tmp_path: Path) -> None:
         ['privacy.dp="local"', "privacy.local_epsilon=50.0", "privacy.epsilon_budget=1e6"],
     )
     cfg = load_config(None, ['privacy.dp="local"', "privacy.local_epsilon=50.0"])
-    from fedge.privacy import local_dp_params
+    from fedge.privacy.accounting import local_dp_params
 
     params = local_dp_params(cfg.privacy)
     assert params is not None

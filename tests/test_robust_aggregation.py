@@ -10,10 +10,10 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.config import load_config
+from fedge.contracts.config import load_config
 from fedge.engines.inprocess import InProcessGrid
-from fedge.server_app import run_server
-from fedge.wire import from_arrays, to_arrays
+from fedge.server.app import run_server
+from fedge.contracts.wire import from_arrays, to_arrays
 
 ATTACKERS = {0, 1}
 

@@ -18,7 +18,7 @@ from clients.secagg import (
     register_secagg_actions,
     secagg_egress_violations,
 )
-from fedge import secagg_protocol as sp
+from fedge.privacy import secagg_protocol as sp
 from fedge.engines.inprocess import InProcessGrid
 from fedge.engines.view import GridView
 from strategies.secagg import SecAggConfig, SecAggError, SecAggGrid, secure_strategy_grid

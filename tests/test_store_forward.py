@@ -14,12 +14,12 @@ from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from clients.device import Device
 from clients.store import DeviceStore
-from fedge import model as nets
-from fedge.config import load_config
+from fedge.contracts import model as nets
+from fedge.contracts.config import load_config
 from fedge.engines.inprocess import InProcessGrid
-from fedge.orchestrator import CampaignRecord, TickRecord
+from fedge.core.orchestrator import CampaignRecord, TickRecord
 from fedge.runner import feed_devices
-from fedge.server_app import run_server
+from fedge.server.app import run_server
 
 CFG = load_config(
     None,

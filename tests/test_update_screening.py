@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedge.engines.inprocess import InProcessGrid
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.screening import UpdateScreening
 
 BASE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}

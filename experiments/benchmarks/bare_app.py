@@ -12,10 +12,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedge import model as nets
-from fedge.config import FedgeConfig
+from fedge.contracts import model as nets
+from fedge.contracts.config import FedgeConfig
 from fedge.scenarios import Scenario, build_scenario
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts.wire import from_arrays, to_arrays
 
 app = ClientApp()
 

@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fedge.config import FedgeConfig, load_config
+from fedge.contracts.config import FedgeConfig, load_config
 
 
 @dataclass

@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.common.serde import recorddict_to_proto
 
 from experiments.benchmarks.common import Figure
-from fedge.config import PROJECT_ROOT
+from fedge.contracts.config import PROJECT_ROOT
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import RunRequest, quiet_tick
 
@@ -55,7 +55,7 @@ def _size(msg: Message) -> int:
 def _run(codec: str, out: Path) -> tuple[float, CountingGrid]:
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     overrides = (f'campaign.compression="{codec}"', f'run.output_dir="{out}"', "run.resume=false")
     request = RunRequest(SCENARIO, overrides, "inprocess")

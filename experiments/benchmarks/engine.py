@@ -31,7 +31,7 @@ def _inprocess(n: int, rounds: int, out: Path, workers: int = 1) -> tuple[float,
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
     from fedge.engines.inprocess import InProcessGrid
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     cfg, overrides = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
     folder = out / "run"

@@ -30,12 +30,12 @@ def _status_kib(field: str) -> int:
 def _child(kind: str) -> None:
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fedge import model as nets
-    from fedge import protocol as p
+    from fedge.contracts import model as nets
+    from fedge.contracts import protocol as p
     from fedge.engines.inprocess import InProcessGrid
     from fedge.runner import RunRequest
     from fedge.scenarios import build_scenario
-    from fedge.wire import to_arrays
+    from fedge.contracts.wire import to_arrays
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, overrides = small_config(Path(tmp), "scenario.clients=1")

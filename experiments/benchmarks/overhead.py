@@ -26,11 +26,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from experiments.benchmarks import bare_app
 from experiments.benchmarks.common import Figure, flower_strategy_timer, small_config
-from fedge import model as nets
-from fedge.audit import AuditLog
+from fedge.contracts import model as nets
+from fedge.privacy.audit import AuditLog
 from fedge.runner import RunRequest, quiet_tick
 from fedge.scenarios import build_scenario
-from fedge.wire import to_arrays
+from fedge.contracts.wire import to_arrays
 
 
 class Measured(NamedTuple):
@@ -46,7 +46,7 @@ def _fedge(n: int, rounds: int, out: Path, folder: Path) -> Measured:
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
     from fedge.engines.inprocess import InProcessGrid
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     cfg, overrides = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
     run_config = RunRequest(None, overrides, "inprocess").run_config(cfg, folder, "inprocess")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.benchmarks.common import Figure, machine
-from fedge.config import PROJECT_ROOT
+from fedge.contracts.config import PROJECT_ROOT
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"
 BENCHMARKS = ("engine", "overhead", "aggregation", "device", "communication", "mlflow")

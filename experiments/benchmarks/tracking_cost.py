@@ -10,7 +10,7 @@ import numpy as np
 from mlflow.entities import Metric
 
 from experiments.benchmarks.common import Figure
-from fedge import model as nets
+from fedge.contracts import model as nets
 from fedge.tracking import Tracker, default_tracking_uri
 
 TICK_METRICS = ("drift_fraction", "rejected_rows", "devices_reporting", "champion_version", "acc")

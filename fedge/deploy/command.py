@@ -58,7 +58,7 @@ def deploy_cmd(
     The number of SuperNodes is the scenario's ``scenario.clients`` (change it
     with ``--set scenario.clients=N``).
     """
-    from fedge.config import ConfigError
+    from fedge.contracts.config import ConfigError
     from fedge.deploy import DeployError
     from fedge.deploy.launcher import DeployRequest, deploy
 

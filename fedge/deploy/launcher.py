@@ -118,7 +118,7 @@ class LocalDeployment:
         bin_dir: Path | None = None,
         hosts: Sequence[str] = DEFAULT_HOSTS,
     ) -> None:
-        from fedge.config import PROJECT_ROOT
+        from fedge.contracts.config import PROJECT_ROOT
 
         self.folder = Path(folder).expanduser().resolve()
         self.credentials = Path(credentials or folder).expanduser().resolve()
@@ -623,13 +623,13 @@ def deploy(
 
     Raises
     ------
-    fedge.config.ConfigError
+    fedge.contracts.config.ConfigError
         The scenario or an override is invalid (nothing was started).
     DeployError
         A process did not start, a node was refused, or the run failed; no
         process is left behind.
     """
-    from fedge.config import load_config, resolve_path
+    from fedge.contracts.config import load_config, resolve_path
     from fedge.runner import new_run_dir
 
     scenario = resolve_path(request.scenario) if request.scenario else None

@@ -295,7 +295,7 @@ def _serve(
     finally:
         # The process ends with os._exit (no exit handlers): put what the devices'
         # audit logs hold on disk first.
-        audit = sys.modules.get("fedge.audit")
+        audit = sys.modules.get("fedge.privacy.audit")
         if audit is not None:
             audit.sync_all()
         conn.close()

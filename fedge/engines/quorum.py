@@ -5,7 +5,7 @@ the real grid: no exchange waits longer than ``run.reply_timeout``, and a
 strategy round (its ``train`` or ``evaluate`` exchange) counts only when at
 least ``campaign.min_devices`` devices replied in time. A round short of some
 devices goes on with the others and says who was missing; a round short of the
-quorum abandons the campaign (:class:`fedge.orchestrator.CampaignRefused`), so
+quorum abandons the campaign (:class:`fedge.core.orchestrator.CampaignRefused`), so
 no model version is registered from too few devices.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedge import protocol as p
+from fedge.contracts import protocol as p
 from fedge.engines.view import GridView
-from fedge.orchestrator import CampaignRefused
+from fedge.core.orchestrator import CampaignRefused
 
 log = logging.getLogger("fedge.server")
 

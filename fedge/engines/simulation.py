@@ -289,7 +289,7 @@ def run_flower_simulation(  # pylint: disable=too-many-arguments,too-many-locals
     run_config keys must exist in [tool.flwr.app.config] of the app's pyproject.toml;
     nested keys are given flattened with dots (e.g. {"model.dim": 16}).
     """
-    from fedge.config import PROJECT_ROOT
+    from fedge.contracts.config import PROJECT_ROOT
 
     app_dir = Path(app_dir or PROJECT_ROOT).expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():

@@ -210,7 +210,7 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ScenarioSpec(Protocol):
-    """The configuration fields :func:`build_scenario` reads (``fedge.config.ScenarioConfig``)."""
+    """The configuration fields :func:`build_scenario` reads (``fedge.contracts.config.ScenarioConfig``)."""
 
     @property
     def generator(self) -> str: ...

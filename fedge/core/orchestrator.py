@@ -14,7 +14,7 @@ Faults it survives:
   (found by the run's ``fedge.run_key`` tag) is adopted, never registered again.
 - **Late reports.** A device that was unreachable delivers the reports of the
   ticks it missed when it returns (store and forward, see
-  :mod:`fedge.protocol`). They are logged as late reports of their own ticks,
+  :mod:`fedge.contracts.protocol`). They are logged as late reports of their own ticks,
   and a drift among them that no campaign has answered yet counts for the
   device at the tick they arrive.
 """
@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedge.protocol import DriftReport
-from fedge.triggers import Decision, TriggerPolicy
+from fedge.contracts.protocol import DriftReport
+from fedge.core.triggers import Decision, TriggerPolicy
 
 log = logging.getLogger("fedge.server")
 

@@ -27,13 +27,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedge import model as nets
-from fedge import protocol as p
-from fedge.config import FedgeConfig
+from fedge.contracts import model as nets
+from fedge.contracts import protocol as p
+from fedge.contracts.config import FedgeConfig
 from fedge.engines.quorum import ReplyQuorum, ShortRound, missing_by_round
 from fedge.engines.view import GridView
-from fedge.multimodel import ClusterPolicy, MultiModelOrchestrator, summarize_history
-from fedge.orchestrator import (
+from fedge.core.pool import ClusterPolicy, MultiModelOrchestrator, summarize_history
+from fedge.core.orchestrator import (
     CampaignOutcome,
     CampaignRecord,
     CampaignRefused,
@@ -44,12 +44,12 @@ from fedge.orchestrator import (
     drift_recoveries,
 )
 from fedge.scenarios import Scenario, build_scenario
-from fedge.state import JsonState, state_path
+from fedge.core.state import JsonState, state_path
 from fedge.tracking import OUTBOX_DIR, Tracker, TrackingError, default_tracking_uri, ui_command
-from fedge.triggers import make_policy
-from fedge.wire import config_from_context, from_arrays, run_dir, to_arrays
+from fedge.core.triggers import make_policy
+from fedge.contracts.wire import config_from_context, from_arrays, run_dir, to_arrays
 from strategies.compressed import CompressedUploads
-from strategies.drift_clustering import DriftClustering
+from fedge.core.clustering import DriftClustering
 from strategies.fedavg import FedAvg
 from strategies.private_campaign import PrivateCampaigns, equal_weights
 from strategies.screening import UpdateScreening
@@ -421,7 +421,7 @@ def run_server(
     """Run the whole loop on ``grid`` and return the run summary (also written to ``folder``).
 
     With ``clustering.enabled`` in ``cfg``, or a ``cluster_policy`` given, several
-    models serve the devices (:class:`fedge.multimodel.MultiModelOrchestrator`).
+    models serve the devices (:class:`fedge.core.pool.MultiModelOrchestrator`).
     """
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -530,7 +530,7 @@ def _run_clusters(
     on_tick: TickCallback | None,
 ) -> dict[str, Any]:
     """The multi-model loop: one model per cluster of devices."""
-    from fedge.cluster_server import ClusterFederation, ClusterRegistry
+    from fedge.server.cluster import ClusterFederation, ClusterRegistry
 
     orch = MultiModelOrchestrator(
         ClusterFederation(grid, cfg, scenario.n_clients),

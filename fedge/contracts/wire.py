@@ -1,6 +1,6 @@
 """Conversions between fedge's plain values and Flower records, and run-config helpers.
 
-Used by both sides (``clients.client_app`` and ``fedge.server_app``), so the
+Used by both sides (``clients.client_app`` and ``fedge.server.app``), so the
 two can never disagree on how a model or a report is encoded.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
-from fedge.config import FedgeConfig, load_config, split_overrides
+from fedge.contracts.config import FedgeConfig, load_config, split_overrides
 
 _CONFIG_CACHE: dict[tuple[str, str, str], FedgeConfig] = {}
 

@@ -13,7 +13,7 @@ models (clusters), an assignment ``device -> cluster`` and, each tick:
    same strategy rounds, and registers each cluster's new model as a version
    with its lineage (cluster, parent version, clusters merged into it).
 
-Like :mod:`fedge.orchestrator` it knows Flower and MLflow only through ports.
+Like :mod:`fedge.core.orchestrator` it knows Flower and MLflow only through ports.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from fedge.orchestrator import (
+from fedge.core.orchestrator import (
     CampaignOutcome,
     CampaignRecord,
     RunRecord,
@@ -31,7 +31,7 @@ from fedge.orchestrator import (
     Weights,
     tick_accuracy,
 )
-from fedge.protocol import MAX_SCORED_MODELS, DriftReport
+from fedge.contracts.protocol import MAX_SCORED_MODELS, DriftReport
 
 #: Device -> cluster -> fraction of the device's latest samples the cluster's model gets right.
 Scores = dict[int, dict[int, float]]

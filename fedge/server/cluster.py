@@ -1,7 +1,7 @@
 """The multi-model loop wired onto a Flower ``Grid``: one model per cluster of devices.
 
-:class:`ClusterFederation` extends :class:`fedge.server_app.FlowerFederation`
-with what :class:`fedge.multimodel.MultiModelOrchestrator` needs: a poll that
+:class:`ClusterFederation` extends :class:`fedge.server.app.FlowerFederation`
+with what :class:`fedge.core.pool.MultiModelOrchestrator` needs: a poll that
 deploys each device its own cluster's model, an ``evaluate.scores`` exchange
 that scores every model in the pool on every device's latest samples, and
 campaigns that train all clusters in the same Flower rounds
@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from fedge import model as nets
-from fedge import protocol as p
-from fedge.multimodel import Scores
-from fedge.orchestrator import CampaignOutcome, RoundMetrics
-from fedge.server_app import DeviceGrid, FlowerFederation, MlflowRegistry
-from fedge.wire import from_arrays, to_arrays
+from fedge.contracts import model as nets
+from fedge.contracts import protocol as p
+from fedge.core.pool import Scores
+from fedge.core.orchestrator import CampaignOutcome, RoundMetrics
+from fedge.server.app import DeviceGrid, FlowerFederation, MlflowRegistry
+from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.clustered_fedavg import SEPARATOR, ClusteredFedAvg, pack_models, unpack_models
 
 log = logging.getLogger("fedge.server")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConfigError(ValueError):
@@ -104,7 +104,7 @@ class CampaignConfig:
     robust aggregators.
 
     ``compression`` encodes the devices' train replies (``float16`` or ``int8``
-    with error feedback, see :mod:`fedge.compression`); ``none`` sends weights.
+    with error feedback, see :mod:`fedge.contracts.compression`); ``none`` sends weights.
 
     ``min_devices`` is how many of a campaign's devices must reply for a round
     to count; devices that do not answer within ``run.reply_timeout`` are left
@@ -138,12 +138,12 @@ class CampaignConfig:
 
 @dataclass(frozen=True)
 class ClusteringConfig:
-    """Several models in service, one per cluster of devices (see :mod:`fedge.multimodel`).
+    """Several models in service, one per cluster of devices (see :mod:`fedge.core.pool`).
 
     Off by default: one champion serves every device. On, devices whose detector
     fires are split onto a new model, a device is moved to the model that fits
     its latest samples, and models whose devices' data agree are merged
-    (:class:`strategies.drift_clustering.DriftClustering`); every cluster trains
+    (:class:`fedge.core.clustering.DriftClustering`); every cluster trains
     in every campaign round on its own devices.
     """
 

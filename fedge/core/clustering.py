@@ -1,6 +1,6 @@
 """DriftClustering: split devices whose detector fires onto new models, merge models that agree.
 
-The policy behind fedge's multi-model service (a :class:`fedge.multimodel.ClusterPolicy`).
+The policy behind fedge's multi-model service (a :class:`fedge.core.pool.ClusterPolicy`).
 Each tick it sees the devices' drift reports and a score matrix: the fraction
 of each device's latest samples every model in the pool gets right. Then:
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedge.multimodel import ClusterPlan, ClusterView, Scores
-from fedge.protocol import DriftReport
+from fedge.core.pool import ClusterPlan, ClusterView, Scores
+from fedge.contracts.protocol import DriftReport
 
 
 def mean_score(scores: Scores, devices: Sequence[int], model: int) -> float | None:

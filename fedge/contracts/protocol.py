@@ -58,7 +58,7 @@ LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
-#: Codec of the train reply's arrays (see :mod:`fedge.compression`); absent means "none".
+#: Codec of the train reply's arrays (see :mod:`fedge.contracts.compression`); absent means "none".
 COMPRESSION = "compression"
 SEED = "seed"
 #: Train config flag: report a weight of 1 instead of the example count (central DP

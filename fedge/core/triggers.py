@@ -5,7 +5,7 @@ Each policy is a small class with one method, :meth:`TriggerPolicy.decide`.
 the baselines benchmarks compare against. Every policy also answers "yes" when
 there is no model yet (the initial campaign).
 
->>> from fedge.protocol import DriftReport
+>>> from fedge.contracts.protocol import DriftReport
 >>> def report(device, drift):
 ...     return DriftReport(device, 5, 1, 100, 3, drift, int(drift), int(drift), 100)
 >>> policy = DriftQuorum(quorum=0.5, cooldown=2)
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedge.protocol import DriftReport
+from fedge.contracts.protocol import DriftReport
 
 
 @dataclass(frozen=True)

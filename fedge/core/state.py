@@ -1,6 +1,6 @@
 """The orchestrator's state on disk: one small JSON file per model, replaced atomically.
 
-:class:`JsonState` is the :class:`fedge.orchestrator.StateStore` the ServerApp
+:class:`JsonState` is the :class:`fedge.core.orchestrator.StateStore` the ServerApp
 uses. Each save writes a temporary file beside the target, flushes it to disk
 and renames it over the old one, so a crash at any moment leaves either the
 previous state or the new one, never half of either. A file that cannot be read

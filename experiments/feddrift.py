@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from fedge.config import PROJECT_ROOT, load_config
-from fedge.multimodel import ClusterPlan, ClusterView, Scores
-from fedge.protocol import DriftReport
+from fedge.contracts.config import PROJECT_ROOT, load_config
+from fedge.core.pool import ClusterPlan, ClusterView, Scores
+from fedge.contracts.protocol import DriftReport
 from fedge.scenarios import ConceptSchedule
 
 log = logging.getLogger("fedge.feddrift")
@@ -278,7 +278,7 @@ def run_policy(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
     from fedge.engines.inprocess import InProcessGrid
-    from fedge.server_app import run_server
+    from fedge.server.app import run_server
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     folder = task.folder / policy

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedge.audit import summarise, verify
-from fedge.protocol import EGRESS
-from fedge.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
+from fedge.privacy.audit import summarise, verify
+from fedge.contracts.protocol import EGRESS
+from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 
 def pseudonym(device: int | str, salt: str) -> str:
