@@ -17,8 +17,8 @@ from clients.device import Device
 from clients.egress import make_egress_mod
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.contracts import protocol as p
-from fedge.privacy.accounting import LocalDpParams, local_dp_params
 from fedge.contracts.wire import config_from_context, from_arrays, run_dir, to_arrays
+from fedge.privacy.accounting import LocalDpParams, local_dp_params
 
 log = logging.getLogger("fedge.device")
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.ingest import Batch, Inbox, inbox_path
+from clients.ingest import Batch, DataSchema, Inbox, inbox_path, inbox_schema
 from clients.monitor import DriftMonitor
 from clients.store import DeviceStore
 from clients.validation import validate_rows
@@ -32,7 +32,6 @@ from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
 from fedge.contracts.protocol import MAX_LATE_REPORTS, DriftReport
-from fedge.scenarios import Scenario, build_scenario
 
 log = logging.getLogger("fedge.device")
 
@@ -59,8 +58,10 @@ class Device:
         Stable partition id of this device.
     store_path : Path
         SQLite file of the on-device store.
-    scenario : Scenario, optional
-        The device's data source; built from ``cfg`` when omitted.
+    schema : DataSchema, optional
+        Row width and number of classes. Omitted, they are read from the
+        device's ingest inbox (``inbox_path(store_path)``), the device's one data
+        source; a device with neither has no data and says so.
     """
 
     def __init__(
@@ -68,16 +69,17 @@ class Device:
         cfg: FedgeConfig,
         device_id: int,
         store_path: Path,
-        scenario: Scenario | None = None,
+        schema: DataSchema | None = None,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
-        self.scenario = scenario if scenario is not None else build_scenario(cfg.scenario)
+        self.schema = schema if schema is not None else inbox_schema(inbox_path(Path(store_path)))
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
         self._model = nets.build_model(
-            self.scenario.n_features, self.scenario.n_classes, cfg.model.hidden, cfg.model.layers
+            self.schema.n_features, self.schema.n_classes, cfg.model.hidden, cfg.model.layers
         )
         self._generation: bytes | None = None
+        self._said_no_data = False
         self._load()
 
     def _load(self) -> None:
@@ -138,23 +140,19 @@ class Device:
         self.version = version
 
     # -- monitoring --------------------------------------------------------------------------
-    def read_sensor(self, tick: int) -> tuple[np.ndarray, np.ndarray]:
-        """This tick's raw rows from the device's own data source."""
-        return self.scenario.batch(self.device_id, tick)
-
     def read_inbox(self, tick: int) -> Batch | None:
         """Rows the device application put in the ingest inbox up to ``tick``.
 
-        Returns ``None`` when the device has no inbox (then the scenario's
-        generator is the data source). The cursor lives in the store, so a batch
-        is taken exactly once even across restarts.
+        Returns ``None`` when the device has no inbox (it has no data then). The
+        cursor lives in the store, so a batch is taken exactly once even across
+        restarts.
         """
         path = inbox_path(self.store.path)
         if not path.exists():
             return None
         raw = self.store.get_state(INBOX_CURSOR_KEY)
         with Inbox(
-            path, n_features=self.scenario.n_features, n_classes=self.scenario.n_classes
+            path, n_features=self.schema.n_features, n_classes=self.schema.n_classes
         ) as inbox:
             return inbox.take(after=int(raw) if raw else 0, through_tick=tick)
 
@@ -166,8 +164,8 @@ class Device:
     ) -> DriftReport:
         """Validate, test-then-store this tick's rows and update the detector.
 
-        Without explicit rows the device reads its ingest inbox if it has one,
-        else its scenario's generator.
+        Without explicit rows the device reads its ingest inbox; a device
+        without an inbox has no data, reports no samples and says so once.
         """
         ingested: Batch | None = None
         if x_raw is None or y_raw is None:
@@ -175,8 +173,16 @@ class Device:
             if ingested is not None:
                 x_raw, y_raw = ingested.x, ingested.y
             else:
-                x_raw, y_raw = self.read_sensor(tick)
-        rows = validate_rows(x_raw, y_raw, self.scenario.n_features, self.scenario.n_classes)
+                if not self._said_no_data:
+                    log.warning(
+                        "device %d has no data: no ingest inbox at %s",
+                        self.device_id,
+                        inbox_path(self.store.path),
+                    )
+                    self._said_no_data = True
+                x_raw = np.empty((0, self.schema.n_features), dtype=np.float32)
+                y_raw = np.empty(0, dtype=np.int64)
+        rows = validate_rows(x_raw, y_raw, self.schema.n_features, self.schema.n_classes)
         rejected = dict(rows.rejected)
         if ingested is not None:
             # Rows the device application's ingest dropped count as rejected here too.
@@ -346,8 +352,8 @@ class Device:
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         """A fresh network of this run's architecture holding ``weights``."""
         model = nets.build_model(
-            self.scenario.n_features,
-            self.scenario.n_classes,
+            self.schema.n_features,
+            self.schema.n_classes,
             self.cfg.model.hidden,
             self.cfg.model.layers,
         )
@@ -374,8 +380,8 @@ class Device:
             latest = ticks == ticks.max()
             x, y = x[latest], y[latest]
         model = nets.build_model(
-            self.scenario.n_features,
-            self.scenario.n_classes,
+            self.schema.n_features,
+            self.schema.n_classes,
             self.cfg.model.hidden,
             self.cfg.model.layers,
         )

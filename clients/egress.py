@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients.secagg import secagg_egress_violations
-from fedge.privacy.audit import AuditLog
 from fedge.contracts.compression import CODECS, encoded_shapes
 from fedge.contracts.protocol import COMPRESSION, CONFIG, EGRESS
+from fedge.privacy.audit import AuditLog
 from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 log = logging.getLogger("fedge.device")

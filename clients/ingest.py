@@ -94,6 +94,29 @@ def inbox_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.stem + INBOX_SUFFIX)
 
 
+@dataclass(frozen=True)
+class DataSchema:
+    """What one row of a device's data is: its width and how many classes a label may name."""
+
+    n_features: int
+    n_classes: int
+
+
+def inbox_schema(path: Path) -> DataSchema:
+    """The schema an existing inbox was created with.
+
+    Raises
+    ------
+    IngestError
+        There is no inbox at ``path`` (the device has no data source), or it is not one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"ingest: no inbox at {path}: this device has no data source")
+    with Inbox(path) as inbox:
+        return DataSchema(inbox.n_features, inbox.n_classes)
+
+
 def _no_rejects() -> dict[str, int]:
     return {**{reason: 0 for reason in REJECT_REASONS}, "total": 0}
 

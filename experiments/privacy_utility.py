@@ -19,6 +19,7 @@ from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from fedge.contracts.config import load_config
 from fedge.engines.inprocess import InProcessGrid
+from fedge.runner import feed_devices
 from fedge.server.app import run_server
 
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -52,6 +53,7 @@ def run_one(extra: list[str], clients: int, seed: int, out: Path) -> dict[str, A
     cfg = load_config(None, overrides)
     folder = out / "run"
     run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
+    feed_devices(cfg, folder)
     grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
     try:
         return run_server(grid, cfg, folder, on_tick=lambda *_: None)

@@ -32,9 +32,9 @@ from flwr.serverapp.strategy import FedAvg
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.contracts import model as nets
 from fedge.contracts.config import load_config
+from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.engines.inprocess import InProcessGrid
 from fedge.scenarios import Scenario, build_scenario
-from fedge.contracts.wire import from_arrays, to_arrays
 from strategies.secagg import SecAggConfig, secure_strategy_grid
 
 TRAIN_TICKS = (0, 1, 2, 3)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.core.orchestrator import CampaignRecord, TickRecord
+from fedge.core.records import CampaignRecord, TickRecord
 
 
 def rss_mib(pid: int | str = "self") -> float:

@@ -109,7 +109,7 @@ def run_cmd(
 
 
 def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str, Any]:
-    from fedge.core.orchestrator import CampaignRecord, TickRecord
+    from fedge.core.records import CampaignRecord, TickRecord
     from fedge.runner import run
 
     with Progress(
@@ -405,7 +405,13 @@ def feddrift_cmd(
     """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
     import time as _time
 
-    from experiments.feddrift import Benchmark, Settings, check_targets, run_benchmark, write_results
+    from experiments.feddrift import (
+        Benchmark,
+        Settings,
+        check_targets,
+        run_benchmark,
+        write_results,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen: dict[str, str] = {}

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedge.contracts.config import FedgeConfig, load_config, resolve_path
-from fedge.core.orchestrator import CampaignRecord, TickRecord
-from fedge.server.app import TickCallback
+from fedge.core.orchestrator import TickCallback
+from fedge.core.records import CampaignRecord, TickRecord
 
 ENGINES = ("inprocess", "simulation", "deployment")
 
@@ -86,10 +86,15 @@ def run(
 
 def feed_devices(cfg: FedgeConfig, folder: Path) -> None:
     """Put every device's scenario rows into its ingest inbox, as a device application would."""
+    for device in range(cfg.scenario.clients):
+        feed_device(cfg, device, folder / "devices" / f"device-{device}.sqlite")
+
+
+def feed_device(cfg: FedgeConfig, device: int, store_path: Path) -> None:
+    """Put one device's scenario rows into the inbox beside its store."""
     from clients.ingest import feed_scenario, inbox_path
 
-    for device in range(cfg.scenario.clients):
-        feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
+    feed_scenario(cfg, device, inbox_path(store_path))
 
 
 def run_inprocess(

@@ -29,10 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedge.contracts.config import MIN_SECURE_DEVICES, FedgeConfig, PrivacyConfig
-from fedge.engines.quorum import ReplyQuorum
-from fedge.core.orchestrator import CampaignRefused
-from fedge.privacy.accounting import PrivacyBudget, Spend, local_dp_params
+from fedge.core.ports import CampaignRefused
 from fedge.core.state import JsonState
+from fedge.engines.quorum import ReplyQuorum
+from fedge.privacy.accounting import PrivacyBudget, Spend, local_dp_params
 from strategies.dp import wrap_strategy_for_dp
 from strategies.secagg import SecAggGrid, SecAggRoundReport, secagg_config
 

@@ -55,8 +55,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from numpy.typing import NDArray
 
-from fedge.privacy import secagg_protocol as sp
 from fedge.engines.view import GridView
+from fedge.privacy import secagg_protocol as sp
 
 log = logging.getLogger("fedge.secagg")
 

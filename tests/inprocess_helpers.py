@@ -10,8 +10,11 @@ from flwr.app import Message
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.contracts.config import load_config
+from clients.device import Device
+from clients.ingest import inbox_path
+from fedge.contracts.config import FedgeConfig, load_config
 from fedge.engines.inprocess import InProcessGrid
+from fedge.runner import feed_device, feed_devices
 from fedge.server.app import run_server
 
 Exchange = tuple[Message, Message]
@@ -29,6 +32,7 @@ def run_captured(
     """
     cfg = load_config(None, overrides)
     run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
+    feed_devices(cfg, folder)
     grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
     crossed: list[Exchange] = []
 
@@ -43,3 +47,10 @@ def run_captured(
     finally:
         forget_devices()
     return summary, crossed
+
+
+def fed_device(cfg: FedgeConfig, device_id: int, store_path: Path) -> Device:
+    """A device whose inbox holds its scenario rows (fed once), as a device application would."""
+    if not inbox_path(store_path).exists():
+        feed_device(cfg, device_id, store_path)
+    return Device(cfg, device_id, store_path)

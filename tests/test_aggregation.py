@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_aggregate
 
-from fedge.engines.inprocess import InProcessGrid
 from fedge.contracts.wire import from_arrays, to_arrays
+from fedge.engines.inprocess import InProcessGrid
 from strategies.aggregation import aggregate_arrayrecords, array_view, weighted_average
 from strategies.fedavg import FedAvg
 

@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from fedge.core.pool import ClusterView, MultiModelOrchestrator
-from fedge.core.orchestrator import CampaignOutcome, RoundMetrics
 from fedge.contracts.protocol import DriftReport
 from fedge.core.clustering import DriftClustering, cluster_distance, merge_agreeing
+from fedge.core.orchestrator import Orchestrator
+from fedge.core.pool import ClusterView
+from fedge.core.ports import CampaignOutcome, Deployed, RoundMetrics
+from fedge.core.triggers import Always
 
 
 def _report(device: int, drift: bool = False) -> DriftReport:
@@ -90,14 +92,15 @@ class _Federation:
     def _concept(self, device: int, tick: int) -> int:
         return 1 if device == 2 and tick >= 2 else 0
 
-    def poll_models(self, tick: int, deployment: Mapping[int, Any]) -> list[DriftReport]:
-        self.deployed.append({d: v[0] for d, v in deployment.items()})
+    def poll(self, tick: int, deployment: Mapping[int, Deployed], default: Any) -> list[DriftReport]:
+        self.deployed.append({d: v.cluster for d, v in deployment.items()})
+        self.trained.append({})
         reports = []
         for d in range(3):
             model = deployment.get(d)
-            fits = model is not None and float(model[2]["w"][0]) == self._concept(d, tick)
+            fits = model is not None and float(model.weights["w"][0]) == self._concept(d, tick)
             errors = 5 if fits or model is None else 90
-            version = model[1] if model else 0
+            version = model.version if model else 0
             drift = model is not None and not fits
             reports.append(DriftReport(d, tick, version, 100, errors, drift, int(drift), 0, 100))
         return reports
@@ -108,16 +111,23 @@ class _Federation:
             for d in range(3)
         }
 
-    def campaign_clusters(
-        self, groups: Mapping[int, Any], *, tick: int, rounds: int, first_round: int
-    ) -> dict[int, CampaignOutcome]:
-        self.trained.append({k: tuple(v[0]) for k, v in groups.items()})
-        out = {}
-        for key, (devices, _) in groups.items():
-            concept = self._concept(devices[0], tick)
-            rm = tuple(RoundMetrics(first_round + r, 0.1, 0.95, 0.1, 0.5, len(devices)) for r in range(rounds))
-            out[key] = CampaignOutcome({"w": np.array([float(concept)])}, rm, len(devices))
-        return out
+    def campaign(
+        self,
+        devices: Sequence[int],
+        start: Any,
+        *,
+        tick: int,
+        rounds: int,
+        first_round: int,
+        lineage: str,
+    ) -> CampaignOutcome:
+        self.trained[-1][int(lineage.split("-")[1])] = tuple(devices)
+        concept = self._concept(devices[0], tick)
+        rm = tuple(RoundMetrics(first_round + r, 0.1, 0.95, 0.1, 0.5, len(devices)) for r in range(rounds))
+        return CampaignOutcome({"w": np.array([float(concept)])}, rm, len(devices))
+
+    def versions(self) -> list[dict[str, Any]]:
+        return []
 
 
 class _Registry:
@@ -132,6 +142,12 @@ class _Registry:
     def set_alias(self, version: int, alias: str) -> None:
         self.aliases[alias] = version
 
+    def load(self, alias: str) -> Any:
+        return None
+
+    def versions(self) -> list[dict[str, Any]]:
+        return []
+
 
 class _Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -143,8 +159,16 @@ class _Tracker:
 
 def test_orchestrator_splits_the_drifted_device_and_serves_it_its_own_model() -> None:
     fed, reg = _Federation(), _Registry()
-    orch = MultiModelOrchestrator(
-        fed, reg, _Tracker(), DriftClustering(), {"w": np.array([9.0])}, rounds=2, initial_rounds=3
+    orch = Orchestrator(
+        fed,
+        reg,
+        _Tracker(),
+        Always(),
+        {"w": np.array([9.0])},
+        clusters=DriftClustering(),
+        rounds=2,
+        initial_rounds=3,
+        min_improvement=-1.0,
     )
     record = orch.run(range(5))
     assert fed.trained[0] == {0: (0, 1, 2)}
@@ -158,4 +182,7 @@ def test_orchestrator_splits_the_drifted_device_and_serves_it_its_own_model() ->
     assert new["fedge.split_from"] == "" and new["fedge.parent_version"] == "none", "fresh start"
     later = [t for t in reg.tags if t["fedge.cluster"] == "1"][1:]
     assert later and all(t["fedge.parent_version"] != "none" for t in later), "lineage within a cluster"
-    assert orch.rounds_done == 3 + 2 * 4
+    # Campaigns of one tick share round slots; the fresh cluster of tick 2 takes the
+    # initial rounds, as any model trained from scratch does.
+    assert orch.rounds_done == 3 + 2 + 3 + 2 + 2
+    assert orch.model_rounds == 3 + 2 + (2 + 3) + (2 + 2) + (2 + 2)

@@ -9,14 +9,14 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
+from inprocess_helpers import fed_device
 
-from clients.device import Device
 from fedge.contracts import model as nets
 from fedge.contracts import protocol as p
 from fedge.contracts.compression import BLOCK, decode_update, encode_update, encoded_shapes
 from fedge.contracts.config import FedgeConfig, load_config
-from fedge.engines.inprocess import InProcessGrid
 from fedge.contracts.wire import from_arrays, to_arrays
+from fedge.engines.inprocess import InProcessGrid
 from strategies.compressed import CompressedUploads
 
 
@@ -123,10 +123,10 @@ def test_device_keeps_its_residual_across_a_restart_and_drops_it_for_a_new_campa
     first = next(iter(trained))
     trained[first] = trained[first].copy()
     trained[first].flat[0] = 1.0  # a coarse block scale: the small steps are lost once
-    device = Device(cfg, 0, tmp_path / "d.sqlite")
+    device = fed_device(cfg, 0, tmp_path / "d.sqlite")
     device.encode_upload(trained, start, "int8", tick=3)
     device.close()
-    restarted = Device(cfg, 0, tmp_path / "d.sqlite")
+    restarted = fed_device(cfg, 0, tmp_path / "d.sqlite")
     again = decode_update(restarted.encode_upload(trained, start, "int8", tick=3), start, "int8")
     fresh = decode_update(restarted.encode_upload(trained, start, "int8", tick=9), start, "int8")
     restarted.close()

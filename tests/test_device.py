@@ -6,10 +6,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from inprocess_helpers import fed_device
 
 from clients.device import Device
 from fedge.contracts import model as nets
 from fedge.contracts.config import load_config
+from fedge.scenarios import build_scenario
 
 CFG = load_config(
     None,
@@ -24,7 +26,7 @@ CFG = load_config(
 
 def _champion(device: Device) -> dict[str, np.ndarray]:
     """A model trained on concept 0, as the server would deploy it."""
-    xs, ys = zip(*(device.scenario.batch(c, t) for c in range(2) for t in range(3)))
+    xs, ys = zip(*(build_scenario(CFG.scenario).batch(c, t) for c in range(2) for t in range(3)))
     model = nets.build_model(2, 2, CFG.model.hidden, CFG.model.layers)
     nets.initial_weights(model, 0)
     nets.train(model, np.concatenate(xs), np.concatenate(ys), epochs=30, lr=0.02,
@@ -33,18 +35,18 @@ def _champion(device: Device) -> dict[str, np.ndarray]:
 
 
 def test_restart_keeps_detector_window_and_model(tmp_path: Path) -> None:
-    twin = Device(CFG, 0, tmp_path / "twin.sqlite")
+    twin = fed_device(CFG, 0, tmp_path / "twin.sqlite")
     weights = _champion(twin)
     twin.deploy(1, weights)
     expected = [asdict(twin.monitor_tick(t)) for t in range(12)]
 
-    device = Device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
     device.deploy(1, weights)
     got = [asdict(device.monitor_tick(t)) for t in range(9)]
     window, samples_seen = len(device.store), device.monitor.samples_seen
     device.close()  # the device restarts after the drift at tick 7
 
-    device = Device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
     assert device.version == 1
     assert len(device.store) == window
     assert device.monitor.samples_seen == samples_seen
@@ -56,7 +58,7 @@ def test_restart_keeps_detector_window_and_model(tmp_path: Path) -> None:
 
 
 def test_bad_rows_are_counted_and_good_rows_kept(tmp_path: Path) -> None:
-    device = Device(CFG, 0, tmp_path / "d.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "d.sqlite")
     x = [[0.1, 0.2], [float("nan"), 0.3], [0.5], [0.4, float("inf")], [0.2, 0.2], [0.3, 0.1]]
     y = [0, 1, 1, 0, 7, 1]
     report = device.monitor_tick(0, x, y)

@@ -14,8 +14,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.egress import EGRESS_BLOCKED, egress_violations, make_egress_mod
-from fedge.privacy.audit import AuditLog, summarise, verify
 from fedge.contracts.wire import to_arrays
+from fedge.privacy.audit import AuditLog, summarise, verify
 
 WEIGHTS = {"0.weight": np.zeros((4, 2), np.float32), "0.bias": np.zeros(4, np.float32)}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedge.runner import RunRequest, quiet_tick, run
+from fedge.runner import RunRequest, feed_devices, quiet_tick, run
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SMALL = (
@@ -69,6 +69,7 @@ def _run_on_grid(tmp_path: Path, workers: int) -> tuple[dict, list[tuple[str, st
         "run-dir": str(folder),
     }
     crossed: list[tuple[str, str, bool]] = []
+    feed_devices(cfg, folder)
     with InProcessGrid(client_app, cfg.scenario.clients, run_config, workers=workers) as grid:
         grid.on_exchange = lambda req, rep: crossed.append(
             (req.metadata.message_type, str(req.metadata.dst_node_id), rep.has_error())

@@ -25,12 +25,12 @@ from clients.client_app import forget_devices
 from clients.device import Device
 from clients.store import DeviceStore
 from fedge.contracts.config import FedgeConfig, load_config
+from fedge.core.records import CampaignRecord, TickRecord
+from fedge.core.state import JsonState, state_path
 from fedge.deploy.launcher import LocalDeployment, start_deployment
 from fedge.engines.inprocess import InProcessGrid
-from fedge.core.orchestrator import CampaignRecord, TickRecord
 from fedge.runner import feed_devices
 from fedge.server.app import run_server
-from fedge.core.state import JsonState, state_path
 from fedge.tracking import list_model_versions
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

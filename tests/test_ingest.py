@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inprocess_helpers import fed_device
 
 from clients.ingest import Inbox, IngestError, feed_scenario, inbox_path, main
 from clients.validation import validate_rows
@@ -183,7 +184,7 @@ def test_device_reads_only_what_its_application_put_in_the_inbox(tmp_path: Path)
     with Inbox(inbox_path(store), n_features=2, n_classes=2) as inbox:
         inbox.append(0, x, [1, 0, 1], on_invalid="drop")
         inbox.append(2, [[0.5, 0.5]], [0])
-    device = Device(cfg, 0, store)
+    device = fed_device(cfg, 0, store)
     first = device.monitor_tick(0)
     assert (first.n_samples, first.rejected_non_finite) == (2, 1)
     window_x, window_y, _ = device.store.window()
@@ -191,7 +192,7 @@ def test_device_reads_only_what_its_application_put_in_the_inbox(tmp_path: Path)
     assert window_y.tolist() == [1, 0]
     assert device.monitor_tick(1).n_samples == 0, "no rows for tick 1, and no generator rows either"
     device.close()
-    again = Device(cfg, 0, store)
+    again = fed_device(cfg, 0, store)
     assert again.monitor_tick(2).n_samples == 1, "a restarted device takes each batch once"
     with Inbox(inbox_path(store)) as inbox:
         assert len(inbox) == 0, "taken batches are pruned"

@@ -21,7 +21,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, free_port
 
-from fedge.core.orchestrator import CampaignRecord, TickRecord
+from fedge.core.records import CampaignRecord, TickRecord
 from fedge.outbox import OUTBOX_DIR, Outbox
 from fedge.runner import RunRequest, run
 from fedge.tracking import (

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from fedge.core.orchestrator import CampaignOutcome, Orchestrator, RoundMetrics, drift_recoveries
 from fedge.contracts.protocol import DriftReport
+from fedge.core.orchestrator import Orchestrator
+from fedge.core.ports import CampaignOutcome, RoundMetrics
+from fedge.core.records import drift_recoveries
 from fedge.core.state import JsonState, state_path
 from fedge.core.triggers import Always, DriftQuorum, Never, Periodic
 
@@ -27,17 +29,24 @@ class FakeFederation:
         self.campaigns: list[tuple[int, tuple[int, ...]]] = []
         self.deployed: list[int] = []
 
-    def poll(self, tick: int, champion: Any) -> list[DriftReport]:
-        self.deployed.append(champion[0] if champion else 0)
+    def poll(self, tick: int, deployment: Any, default: Any) -> list[DriftReport]:
+        version = default.version if default else 0
+        self.deployed.append(version)
         drifted = self.drift_at.get(tick, set())
-        version = champion[0] if champion else 0
         return [
             DriftReport(d, tick, version, 100, 10, d in drifted, int(d in drifted), 0, 100)
             for d in range(self.n)
         ]
 
     def campaign(
-        self, devices: Sequence[int], start: Any, *, tick: int, rounds: int, first_round: int
+        self,
+        devices: Sequence[int],
+        start: Any,
+        *,
+        tick: int,
+        rounds: int,
+        first_round: int,
+        lineage: str = "champion",
     ) -> CampaignOutcome:
         self.campaigns.append((tick, tuple(devices)))
         metrics = tuple(
@@ -56,10 +65,10 @@ class FakeRegistry:
         self.versions.append(dict(tags))
         return len(self.versions)
 
-    def promote(self, version: int) -> None:
+    def set_alias(self, version: int, alias: str) -> None:
         self.alias = version
 
-    def champion(self) -> Any:
+    def load(self, alias: str) -> Any:
         return None
 
 
@@ -207,13 +216,13 @@ class LedgerRegistry:
         self.tags.append(dict(tags))
         return len(self.tags)
 
-    def promote(self, version: int) -> None:
+    def set_alias(self, version: int, alias: str) -> None:
         if self.fail_promote_once:
             self.fail_promote_once = False
             raise Crash("died between registering and promoting")
         self.alias = version
 
-    def champion(self) -> Any:
+    def load(self, alias: str) -> Any:
         return (self.alias, self.weights[self.alias - 1]) if self.alias else None
 
     def versions(self) -> list[dict[str, Any]]:
@@ -229,15 +238,15 @@ class DyingFederation(FakeFederation):
         self.polled: list[int] = []
         self.first_rounds: list[int] = []
 
-    def poll(self, tick: int, champion: Any) -> list[DriftReport]:
+    def poll(self, tick: int, deployment: Any, default: Any) -> list[DriftReport]:
         if tick == self.die_at:
             self.die_at = None
             raise Crash(f"died at tick {tick}")
         self.polled.append(tick)
-        return super().poll(tick, champion)
+        return super().poll(tick, deployment, default)
 
     def campaign(self, devices: Sequence[int], start: Any, *, tick: int, rounds: int,
-                 first_round: int) -> CampaignOutcome:
+                 first_round: int, lineage: str = "champion") -> CampaignOutcome:
         self.first_rounds.append(first_round)
         return super().campaign(devices, start, tick=tick, rounds=rounds, first_round=first_round)
 
@@ -331,9 +340,9 @@ class LateFederation(FakeFederation):
         self.late_drift_at = late_drift_at
         self.tick = 0
 
-    def poll(self, tick: int, champion: Any) -> list[DriftReport]:
+    def poll(self, tick: int, deployment: Any, default: Any) -> list[DriftReport]:
         self.tick = tick
-        reports = super().poll(tick, champion)
+        reports = super().poll(tick, deployment, default)
         return [r for r in reports if not (r.device == 1 and 3 <= tick <= 5)]
 
     def late_reports(self) -> list[DriftReport]:

@@ -17,10 +17,10 @@ import pytest
 from flwr.app import Message
 from inprocess_helpers import run_captured
 
-from fedge.privacy.audit import summarise, verify
 from fedge.contracts.config import ConfigError, load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.privacy.accounting import PrivacyBudget
+from fedge.privacy.audit import summarise, verify
 from fedge.privacy.report import write_report
 from fedge.tracking import Tracker
 

@@ -11,9 +11,10 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from fedge.contracts.config import load_config
-from fedge.engines.inprocess import InProcessGrid
-from fedge.server.app import run_server
 from fedge.contracts.wire import from_arrays, to_arrays
+from fedge.engines.inprocess import InProcessGrid
+from fedge.runner import feed_devices
+from fedge.server.app import run_server
 
 ATTACKERS = {0, 1}
 
@@ -44,6 +45,7 @@ def _run(tmp: Path, *overrides: str) -> dict[str, Any]:
     cfg = load_config(None, items)
     folder = tmp / "run"
     run_config = {"scenario": "", "overrides": ";".join(items), "run-dir": str(folder)}
+    feed_devices(cfg, folder)
     grid = InProcessGrid(attacked_app, cfg.scenario.clients, run_config)
     try:
         return run_server(grid, cfg, folder, on_tick=lambda *_: None)

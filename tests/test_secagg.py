@@ -18,9 +18,9 @@ from clients.secagg import (
     register_secagg_actions,
     secagg_egress_violations,
 )
-from fedge.privacy import secagg_protocol as sp
 from fedge.engines.inprocess import InProcessGrid
 from fedge.engines.view import GridView
+from fedge.privacy import secagg_protocol as sp
 from strategies.secagg import SecAggConfig, SecAggError, SecAggGrid, secure_strategy_grid
 
 SHAPES = {"w": (40, 25), "b": (25,)}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from inprocess_helpers import fed_device
 from mlflow import MlflowClient
 
 from clients.client_app import app as client_app
@@ -16,9 +17,10 @@ from clients.device import Device
 from clients.store import DeviceStore
 from fedge.contracts import model as nets
 from fedge.contracts.config import load_config
+from fedge.core.records import CampaignRecord, TickRecord
 from fedge.engines.inprocess import InProcessGrid
-from fedge.core.orchestrator import CampaignRecord, TickRecord
 from fedge.runner import feed_devices
+from fedge.scenarios import build_scenario
 from fedge.server.app import run_server
 
 CFG = load_config(
@@ -28,7 +30,7 @@ CFG = load_config(
 
 
 def _champion(device: Device) -> dict[str, np.ndarray]:
-    xs, ys = zip(*(device.scenario.batch(c, t) for c in range(2) for t in range(3)))
+    xs, ys = zip(*(build_scenario(CFG.scenario).batch(c, t) for c in range(2) for t in range(3)))
     model = nets.build_model(2, 2, CFG.model.hidden, CFG.model.layers)
     nets.initial_weights(model, 0)
     nets.train(model, np.concatenate(xs), np.concatenate(ys), epochs=30, lr=0.02, batch_size=32, seed=0)
@@ -36,19 +38,19 @@ def _champion(device: Device) -> dict[str, np.ndarray]:
 
 
 def test_missed_ticks_are_monitored_on_return_and_kept_until_acknowledged(tmp_path: Path) -> None:
-    twin = Device(CFG, 0, tmp_path / "twin.sqlite")
+    twin = fed_device(CFG, 0, tmp_path / "twin.sqlite")
     weights = _champion(twin)
     twin.deploy(1, weights)
     online = [asdict(twin.report_for(t)) for t in range(8)]
 
-    device = Device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
     device.deploy(1, weights)
     for t in range(3):
         device.report_for(t)
     device.acknowledge([0, 1, 2])
     device.close()  # unreachable for ticks 3-6, and restarted meanwhile
 
-    device = Device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
     missed = device.catch_up(7)
     current = device.report_for(7)
     backlog = device.backlog(7)
@@ -58,19 +60,19 @@ def test_missed_ticks_are_monitored_on_return_and_kept_until_acknowledged(tmp_pa
     assert any(r.drift for r in backlog), "the drift at tick 4 was seen while unreachable"
 
     device.close()
-    device = Device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
     assert [r.tick for r in device.backlog(8)] == [3, 4, 5, 6, 7], "the outbox survives a restart"
     assert device.acknowledge([3, 4, 5, 6, 7]) == 5
     assert device.backlog(8) == [] and device.store.outbox_size() == 0
 
 
 def test_a_repeated_poll_gets_the_same_report_and_monitors_the_tick_once(tmp_path: Path) -> None:
-    device = Device(CFG, 1, tmp_path / "d.sqlite")
+    device = fed_device(CFG, 1, tmp_path / "d.sqlite")
     device.deploy(1, _champion(device))
     first = device.report_for(0)
     window, seen = len(device.store), device.monitor.samples_seen
     device.close()
-    device = Device(CFG, 1, tmp_path / "d.sqlite")
+    device = fed_device(CFG, 1, tmp_path / "d.sqlite")
     assert device.report_for(0) == first, "a restarted server polls tick 0 again"
     assert len(device.store) == window and device.monitor.samples_seen == seen
     device.acknowledge([0])
@@ -132,7 +134,7 @@ def test_offline_device_delivers_its_reports_when_it_returns(tmp_path: Path) -> 
 
     with DeviceStore(folder / "devices" / "device-1.sqlite") as store:
         assert [r["tick"] for r in store.pending_reports()] == [8], "all but the last acknowledged"
-    device = Device(cfg, 1, folder / "devices" / "device-1.sqlite")
+    device = fed_device(cfg, 1, folder / "devices" / "device-1.sqlite")
     try:
         assert device.monitor.samples_seen == 100 * 8, "every tick after the first model was tested"
         assert device.version == summary["champion"]

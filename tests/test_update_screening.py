@@ -10,8 +10,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedge.engines.inprocess import InProcessGrid
 from fedge.contracts.wire import from_arrays, to_arrays
+from fedge.engines.inprocess import InProcessGrid
 from strategies.screening import UpdateScreening
 
 BASE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}

@@ -14,8 +14,8 @@ from torch import nn
 
 from fedge.contracts import model as nets
 from fedge.contracts.config import FedgeConfig
-from fedge.scenarios import Scenario, build_scenario
 from fedge.contracts.wire import from_arrays, to_arrays
+from fedge.scenarios import Scenario, build_scenario
 
 app = ClientApp()
 

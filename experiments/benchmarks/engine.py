@@ -23,7 +23,7 @@ from experiments.benchmarks.common import (
     small_config,
     strategy_seconds,
 )
-from fedge.runner import RunRequest, quiet_tick
+from fedge.runner import RunRequest, feed_devices, quiet_tick
 
 
 def _inprocess(n: int, rounds: int, out: Path, workers: int = 1) -> tuple[float, float, dict[str, Any]]:
@@ -36,6 +36,7 @@ def _inprocess(n: int, rounds: int, out: Path, workers: int = 1) -> tuple[float,
     cfg, overrides = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
     folder = out / "run"
     run_config = RunRequest(None, overrides, "inprocess").run_config(cfg, folder, "inprocess")
+    feed_devices(cfg, folder)
     with InProcessGrid(client_app, n, run_config, workers=workers) as grid:
         try:
             with flower_strategy_timer() as timer:

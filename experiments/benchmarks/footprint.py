@@ -32,10 +32,10 @@ def _child(kind: str) -> None:
 
     from fedge.contracts import model as nets
     from fedge.contracts import protocol as p
+    from fedge.contracts.wire import to_arrays
     from fedge.engines.inprocess import InProcessGrid
     from fedge.runner import RunRequest
     from fedge.scenarios import build_scenario
-    from fedge.contracts.wire import to_arrays
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, overrides = small_config(Path(tmp), "scenario.clients=1")

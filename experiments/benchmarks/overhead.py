@@ -27,10 +27,10 @@ from flwr.serverapp.strategy import FedAvg
 from experiments.benchmarks import bare_app
 from experiments.benchmarks.common import Figure, flower_strategy_timer, small_config
 from fedge.contracts import model as nets
-from fedge.privacy.audit import AuditLog
-from fedge.runner import RunRequest, quiet_tick
-from fedge.scenarios import build_scenario
 from fedge.contracts.wire import to_arrays
+from fedge.privacy.audit import AuditLog
+from fedge.runner import RunRequest, feed_devices, quiet_tick
+from fedge.scenarios import build_scenario
 
 
 class Measured(NamedTuple):
@@ -51,6 +51,7 @@ def _fedge(n: int, rounds: int, out: Path, folder: Path) -> Measured:
     cfg, overrides = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
     run_config = RunRequest(None, overrides, "inprocess").run_config(cfg, folder, "inprocess")
     started, cpu = time.perf_counter(), time.process_time()
+    feed_devices(cfg, folder)
     grid = InProcessGrid(client_app, n, run_config)
     try:
         with flower_strategy_timer() as timer:

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedge.core.pool import ClusterPlan, ClusterView, Scores
 from fedge.contracts.protocol import DriftReport
+from fedge.core.pool import ClusterPlan, ClusterView
+from fedge.core.ports import Scores
 
 
 def mean_score(scores: Scores, devices: Sequence[int], model: int) -> float | None:

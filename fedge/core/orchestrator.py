@@ -1,22 +1,33 @@
 """monitor -> trigger -> campaign -> gate -> promote, in plain Python.
 
-The :class:`Orchestrator` drives one run tick by tick. It knows the devices
-only through a :class:`Federation` (Flower in production, anything in tests),
-the model registry through a :class:`Registry` and metrics through a
-:class:`Tracker`; it imports neither Flower nor MLflow.
+The :class:`Orchestrator` drives one run tick by tick over a pool of models:
+one cluster when a single global model serves every device
+(:class:`fedge.core.pool.OneModel`), several when a clustering policy splits
+the devices. Each tick it
+
+1. polls every device with its cluster's model (the device tests its new
+   samples with it and reports drift),
+2. asks the cluster policy for the next assignment (with, when the policy
+   wants them, the scores of every model on every device's latest samples),
+3. asks the trigger policy, per cluster, whether that cluster retrains, and
+   runs a campaign for each that does, over the cluster's devices, through the
+   same :class:`fedge.core.ports.Federation` call (so every strategy, privacy
+   setting and quorum rule applies to one cluster as to many),
+4. gates every candidate against the model its devices run and moves the
+   cluster's alias when it wins.
 
 Faults it survives:
 
 - **A restart.** With a :class:`StateStore` the orchestrator saves its counters
-  after every tick (last tick, rounds, last campaign, champion, last registered
-  version). Restarted on the same run with ``resume``, it continues at the next
-  tick; a campaign whose model version landed in the registry before the crash
-  (found by the run's ``fedge.run_key`` tag) is adopted, never registered again.
+  and the pool (without weights: those are in the registry under each
+  cluster's alias) after every tick. Restarted on the same run with
+  ``resume``, it continues at the next tick; a campaign whose model version
+  landed in the registry before the crash (found by the run's
+  ``fedge.run_key`` tag) is adopted, never registered again.
 - **Late reports.** A device that was unreachable delivers the reports of the
-  ticks it missed when it returns (store and forward, see
-  :mod:`fedge.contracts.protocol`). They are logged as late reports of their own ticks,
-  and a drift among them that no campaign has answered yet counts for the
-  device at the tick they arrive.
+  ticks it missed when it returns (store and forward). They are logged as late
+  reports of their own ticks, and a drift among them that no campaign has
+  answered yet counts for the device at the tick they arrive.
 """
 
 from __future__ import annotations
@@ -25,207 +36,45 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import asdict, replace
+from typing import Any
 
-import numpy as np
-
-from fedge.contracts.protocol import DriftReport
-from fedge.core.triggers import Decision, TriggerPolicy
+from fedge.contracts.protocol import MAX_SCORED_MODELS, DriftReport
+from fedge.core.pool import (
+    CHAMPION_ALIAS,
+    Cluster,
+    ClusterPlan,
+    ClusterPolicy,
+    OneModel,
+    cluster_alias,
+)
+from fedge.core.ports import (
+    CampaignOutcome,
+    CampaignRefused,
+    Deployed,
+    Federation,
+    Registry,
+    StateStore,
+    Tracker,
+    Weights,
+)
+from fedge.core.records import (
+    CampaignRecord,
+    ClusterTick,
+    LateRecord,
+    RunRecord,
+    TickRecord,
+    tick_accuracy,
+)
+from fedge.core.triggers import INITIAL, Decision, TriggerPolicy
 
 log = logging.getLogger("fedge.server")
 
-Weights = dict[str, np.ndarray]
-
-
-class CampaignRefused(RuntimeError):
-    """A federation declines to start a campaign (e.g. the privacy budget is spent).
-
-    The message is one line saying why; the orchestrator records it, registers
-    nothing and keeps monitoring.
-    """
-
-
-@dataclass(frozen=True)
-class RoundMetrics:
-    """Aggregated metrics of one strategy round."""
-
-    round: int
-    train_loss: float
-    eval_acc: float
-    eval_loss: float
-    champion_acc: float
-    n_devices: int
-
-
-@dataclass(frozen=True)
-class CampaignOutcome:
-    """What a federation returns after a campaign's strategy rounds."""
-
-    weights: Weights
-    rounds: tuple[RoundMetrics, ...]
-    n_devices: int
-    #: Extra lineage tags for the model version (e.g. aggregation and DP settings).
-    tags: Mapping[str, str] = field(default_factory=dict)
-    #: Extra run metrics logged at the campaign's tick (e.g. epsilon spent).
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-    @property
-    def candidate_acc(self) -> float:
-        """Federated accuracy of the final global model on the devices' holdout."""
-        return self.rounds[-1].eval_acc if self.rounds else float("nan")
-
-    @property
-    def champion_acc(self) -> float:
-        """Federated accuracy of the deployed champion on the same holdout."""
-        return self.rounds[-1].champion_acc if self.rounds else float("nan")
-
-
-class Federation(Protocol):
-    """The devices, as the orchestrator sees them."""
-
-    def poll(self, tick: int, champion: tuple[int, Weights] | None) -> list[DriftReport]:
-        """Monitoring tick: deploy ``champion`` where stale, collect drift reports."""
-        ...
-
-    def campaign(
-        self, devices: Sequence[int], start: Weights, *, tick: int, rounds: int, first_round: int
-    ) -> CampaignOutcome:
-        """Run ``rounds`` strategy rounds over ``devices`` starting from ``start``."""
-        ...
-
-
-class Registry(Protocol):
-    """Model versions and the champion alias."""
-
-    def register(self, weights: Weights, tags: Mapping[str, str]) -> int:
-        """Register a model version, return its number."""
-        ...
-
-    def promote(self, version: int) -> None:
-        """Move the champion alias to ``version``."""
-        ...
-
-    def champion(self) -> tuple[int, Weights] | None:
-        """The current champion, if any."""
-        ...
-
-
-class StateStore(Protocol):
-    """Where the orchestrator keeps its counters between restarts (e.g. a JSON file)."""
-
-    def load(self) -> Mapping[str, Any] | None:
-        """The saved state, or None when there is none."""
-        ...
-
-    def save(self, state: Mapping[str, Any]) -> None:
-        """Replace the saved state at once (a crash leaves the old or the new one)."""
-        ...
-
-
 #: Version tag naming the run (across restarts) a model version was registered by.
 RUN_KEY_TAG = "fedge.run_key"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
-
-class Tracker(Protocol):
-    """Metrics and events of the run."""
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log scalar metrics at ``step``."""
-        ...
-
-    def log_event(self, kind: str, tick: int, payload: Mapping[str, Any]) -> None:
-        """Record an event with its evidence."""
-        ...
-
-
-@dataclass(frozen=True)
-class CampaignRecord:
-    """One retraining campaign and the gate's verdict."""
-
-    tick: int
-    reason: str
-    devices: tuple[int, ...]
-    version: int
-    parent: int
-    promoted: bool
-    candidate_acc: float
-    champion_acc: float
-    rounds: int
-
-
-@dataclass(frozen=True)
-class TickRecord:
-    """One monitoring tick, summed over devices."""
-
-    tick: int
-    accuracy: float | None
-    drift_fraction: float
-    drifted: tuple[int, ...]
-    rejected: int
-    n_samples: int
-    champion: int
-    #: Why a triggered campaign did not start (e.g. the privacy budget), else empty.
-    refused: str = ""
-    #: Reports of earlier ticks that arrived with this tick's poll (store and forward).
-    late_reports: int = 0
-
-
-@dataclass(frozen=True)
-class LateRecord:
-    """Reports of one tick that arrived at a later tick."""
-
-    tick: int
-    arrived: int
-    devices: tuple[int, ...]
-    accuracy: float | None
-    drifted: tuple[int, ...]
-
-
-@dataclass
-class RunRecord:
-    """Everything a run did, for summaries and tests."""
-
-    ticks: list[TickRecord] = field(default_factory=list)
-    campaigns: list[CampaignRecord] = field(default_factory=list)
-    champion: int = 0
-    resumed_from: int = 0
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    late: list[LateRecord] = field(default_factory=list)
-    #: First tick this process ran when it resumed an interrupted run, else None.
-    resumed_at: int | None = None
-    #: Campaigns whose version landed before a restart and were adopted, not rerun.
-    recovered: list[dict[str, Any]] = field(default_factory=list)
-
-    def accuracy(self, tick: int) -> float | None:
-        """Prequential accuracy at ``tick`` (None before any model)."""
-        for rec in self.ticks:
-            if rec.tick == tick:
-                return rec.accuracy
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "ticks": [asdict(t) for t in self.ticks],
-            "campaigns": [asdict(c) for c in self.campaigns],
-            "champion": self.champion,
-            "resumed_from": self.resumed_from,
-            "refused": list(self.refused),
-            "late": [asdict(r) for r in self.late],
-            "resumed_at": self.resumed_at,
-            "recovered": list(self.recovered),
-        }
-
-
-def tick_accuracy(reports: Sequence[DriftReport]) -> float | None:
-    """Sample-weighted prequential accuracy over the devices that had a model."""
-    scored = [r for r in reports if r.accuracy is not None]
-    n = sum(r.n_samples for r in scored)
-    if n == 0:
-        return None
-    return 1.0 - sum(r.n_errors for r in scored) / n
+TickCallback = Callable[[TickRecord, CampaignRecord | None], None]
 
 
 class Orchestrator:
@@ -234,33 +83,37 @@ class Orchestrator:
     Parameters
     ----------
     federation, registry, tracker
-        The ports described above.
+        The ports of :mod:`fedge.core.ports`.
     policy : TriggerPolicy
-        Decides when a campaign starts.
+        Decides, per cluster, when a campaign starts.
     initial_weights : dict of ndarray
-        Starting point of the first campaign when the registry has no champion.
-    rounds : int
+        Starting point of a cluster that starts fresh.
+    clusters : ClusterPolicy, optional
+        Which cluster serves each device; default :class:`OneModel` (one
+        global model under the ``champion`` alias). Any other policy keeps one
+        alias per cluster (``cluster-<key>``).
+    rounds : int, default 4
         Strategy rounds per retraining campaign.
-    initial_rounds : int
-        Strategy rounds of the first campaign (from scratch).
-    participants : {"all", "drifted"}
-        Which devices train in a campaign; "drifted" falls back to all devices
+    initial_rounds : int, default 8
+        Strategy rounds of a campaign from fresh weights.
+    participants : {"all", "drifted"}, default "all"
+        Which of a cluster's devices train; "drifted" falls back to all of them
         when none reported drift (initial and periodic campaigns).
-    min_improvement : float
-        The candidate is promoted only if its federated accuracy exceeds the
-        champion's by more than this.
-    strategy : str
+    min_improvement : float, default 0.0
+        A candidate is promoted only if its federated accuracy exceeds that of
+        the model its devices run by more than this.
+    strategy : str, default "fedavg"
         Name recorded in the lineage tags.
-    resume : bool
-        Start from the registry's champion when there is one.
-    warm_start : bool
-        Retraining campaigns start from the champion's weights (True) or from
+    resume : bool, default True
+        Start from the registry's champion when there is one (one model), and
+        continue an interrupted run of the same ``run_id`` from ``state``.
+    warm_start : bool, default True
+        Retraining campaigns start from the cluster's weights (True) or from
         the seeded initial weights (False: the old concept is forgotten at once).
     on_tick : callable, optional
-        Called with each :class:`TickRecord` (progress display).
+        Called with each :class:`TickRecord` and the tick's first campaign.
     state : StateStore, optional
-        Saved after every tick; with ``resume``, an unfinished run of the same
-        ``run_id`` continues from it.
+        Saved after every tick.
     run_id : str, default ""
         What identifies this run across restarts (the run folder).
     """
@@ -273,6 +126,7 @@ class Orchestrator:
         policy: TriggerPolicy,
         initial_weights: Weights,
         *,
+        clusters: ClusterPolicy | None = None,
         rounds: int = 4,
         initial_rounds: int = 8,
         participants: str = "all",
@@ -280,7 +134,7 @@ class Orchestrator:
         strategy: str = "fedavg",
         resume: bool = True,
         warm_start: bool = True,
-        on_tick: Callable[[TickRecord, CampaignRecord | None], None] | None = None,
+        on_tick: TickCallback | None = None,
         state: StateStore | None = None,
         run_id: str = "",
     ) -> None:
@@ -291,6 +145,8 @@ class Orchestrator:
         self.tracker = tracker
         self.policy = policy
         self.initial_weights = initial_weights
+        self.cluster_policy: ClusterPolicy = clusters if clusters is not None else OneModel()
+        self.single = isinstance(self.cluster_policy, OneModel)
         self.rounds = rounds
         self.initial_rounds = initial_rounds
         self.participants = participants
@@ -299,17 +155,44 @@ class Orchestrator:
         self.resume = resume
         self.warm_start = warm_start
         self.on_tick = on_tick
-        self.record = RunRecord()
-        self.champion: tuple[int, Weights] | None = None
-        self.last_campaign: int | None = None
-        self.rounds_done = 0
-        self.last_refusal = ""
         self.state = state
         self.run_id = run_id
+        self.record = RunRecord()
+        self.pool: dict[int, Cluster] = {}
+        self.assignment: dict[int, int] = {}
+        #: Round slots used: campaigns of one tick run on disjoint devices, so they share them.
+        self.rounds_done = 0
+        #: Rounds summed over every model trained.
+        self.model_rounds = 0
+        self.last_refusal = ""
         self.run_key = uuid.uuid4().hex
         self.last_tick: int | None = None
         self.last_registered = 0
 
+    # -- the pool ------------------------------------------------------------------------------
+    def alias(self, key: int) -> str:
+        """Registry alias of cluster ``key``'s model."""
+        return CHAMPION_ALIAS if self.single else cluster_alias(key)
+
+    @property
+    def champion(self) -> tuple[int, Weights] | None:
+        """The single model in service (version, weights), if there is exactly one."""
+        trained = [c for c in self.pool.values() if c.version > 0]
+        if len(self.pool) == 1 and trained:
+            return trained[0].version, trained[0].weights
+        return None
+
+    @property
+    def last_campaign(self) -> int | None:
+        """Tick of the latest campaign of any cluster (None before the first)."""
+        ticks = [c.last_campaign for c in self.pool.values() if c.last_campaign is not None]
+        return max(ticks) if ticks else None
+
+    def _champion_version(self) -> int:
+        champ = self.champion
+        return champ[0] if champ is not None and self.single else 0
+
+    # -- running -------------------------------------------------------------------------------
     def run(self, ticks: Sequence[int]) -> RunRecord:
         """Run the given monitoring ticks and return the record.
 
@@ -324,129 +207,322 @@ class Orchestrator:
         # Saved before the first tick: a version registered before the first
         # tick completes is then recognised as this run's after a crash.
         self._save()
-        if self.resume and self.champion is None:
-            self.champion = self.registry.champion()
-            if self.champion is not None:
-                self.record.resumed_from = self.champion[0]
-                self.record.champion = self.champion[0]
+        if self.resume and self.single and not self.pool:
+            found = self.registry.load(CHAMPION_ALIAS)
+            if found is not None:  # a champion of an earlier run serves from the start
+                version, weights = found
+                self.pool[0] = Cluster(0, weights, version, -1, -1)
+                self.record.resumed_from = version
+                self.record.champion = version
         for tick in todo:
             self.step(tick)
         self._save(finished=True)
         return self.record
 
-    # -- persisted state ---------------------------------------------------------------------
-    def snapshot(self, finished: bool = False) -> dict[str, Any]:
-        """The counters a restarted orchestrator needs, JSON-ready."""
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "run_id": self.run_id,
-            "run_key": self.run_key,
-            "tick": self.last_tick,
-            "finished": finished,
-            "rounds_done": self.rounds_done,
-            "last_campaign": self.last_campaign,
-            "champion": self.champion[0] if self.champion else 0,
-            "last_registered": self.last_registered,
-            "policy": repr(self.policy),
+    def step(self, tick: int) -> TickRecord:
+        """One tick: poll, re-plan the pool, decide per cluster, run campaigns and the gate."""
+        deployment = {
+            d: Deployed(k, self.pool[k].version, self.pool[k].weights)
+            for d, k in self.assignment.items()
+            if k in self.pool and self.pool[k].version > 0
         }
-        checkpoint = getattr(self.federation, "checkpoint", None)
-        if callable(checkpoint):
-            state["federation"] = checkpoint()
-        return state
-
-    def _save(self, finished: bool = False) -> None:
-        if self.state is not None:
-            self.state.save(self.snapshot(finished))
-
-    def _restore(self, ticks: list[int]) -> list[int]:
-        """Continue an interrupted run from the saved state; returns the ticks left."""
-        saved = self.state.load() if self.state is not None and self.resume else None
-        if not saved:
-            return ticks
-        if saved.get("format") != STATE_FORMAT or saved.get("finished", True):
-            return ticks
-        if saved.get("run_id") != self.run_id:
-            log.info(
-                "the last run of this model (%s) stopped after tick %s; this is a new run",
-                saved.get("run_id"),
-                saved.get("tick"),
-            )
-            return ticks
-        self.run_key = str(saved["run_key"])
-        self.rounds_done = int(saved.get("rounds_done", 0))
-        last = saved.get("last_campaign")
-        self.last_campaign = None if last is None else int(last)
-        self.last_registered = int(saved.get("last_registered", 0))
-        done = saved.get("tick")
-        restore = getattr(self.federation, "restore", None)
-        if callable(restore) and isinstance(saved.get("federation"), Mapping):
-            restore(saved["federation"])
-        done = self._adopt_landed(-1 if done is None else int(done))
-        self.last_tick = done if done >= 0 else None
-        left = [t for t in ticks if t > done]
-        self.record.resumed_at = left[0] if left else None
-        log.info(
-            "resuming the run after tick %d: %d rounds done, last campaign at tick %s, "
-            "last registered version %d",
-            done,
-            self.rounds_done,
-            self.last_campaign,
-            self.last_registered,
+        champ = self.champion
+        default = Deployed(next(iter(self.pool)), champ[0], champ[1]) if champ else None
+        reports = self.federation.poll(tick, deployment, default)
+        late = self._late_reports()
+        if late:
+            self._record_late(tick, late)
+        current = self._current_state(reports, late)
+        plan = self._plan(tick, current)
+        created = self._apply(tick, plan)
+        decisions = self._decide(tick, current)
+        drifted = tuple(sorted({d for dec in decisions.values() for d in dec.drifted}))
+        acc = tick_accuracy(reports)
+        rec = TickRecord(
+            tick=tick,
+            accuracy=acc,
+            drift_fraction=len(drifted) / len(reports) if reports else 0.0,
+            drifted=drifted,
+            rejected=sum(r.rejected for r in reports),
+            n_samples=sum(r.n_samples for r in reports),
+            champion=self._champion_version(),
+            late_reports=len(late),
         )
+        self.record.ticks.append(rec)
+        metrics = {
+            "drift_fraction": rec.drift_fraction,
+            "rejected_rows": float(rec.rejected),
+            "devices_reporting": float(len(reports)),
+            "champion_version": float(rec.champion),
+            "late_reports": float(len(late)),
+        }
+        if not self.single:
+            metrics["models_in_service"] = float(len(set(self.assignment.values())))
+            metrics["models_in_pool"] = float(len(self.pool))
+        if acc is not None:
+            metrics["prequential_accuracy"] = acc
+        self.tracker.log_metrics(metrics, step=tick)
+        if plan.reasons:
+            self.tracker.log_event(
+                "cluster_change",
+                tick,
+                {
+                    "moves": {str(d): r for d, r in plan.reasons.items()},
+                    "created": list(created),
+                    "merged": {str(k): list(v) for k, v in plan.merged.items()},
+                    "retired": list(plan.retire),
+                },
+            )
+        campaigns, refusals = self._campaigns(tick, decisions, current, plan, created)
+        if refusals:
+            rec = replace(rec, refused="; ".join(refusals))
+            self.record.ticks[-1] = rec
+        self.record.history.append(
+            ClusterTick(
+                tick=tick,
+                assignment=dict(self.assignment),
+                versions={k: c.version for k, c in self.pool.items()},
+                created=created,
+                merged=dict(plan.merged),
+                retired=plan.retire,
+            )
+        )
+        self.last_tick = tick
+        self._save()
+        if self.on_tick is not None:
+            self.on_tick(rec, campaigns[0] if campaigns else None)
+        return rec
+
+    def _plan(self, tick: int, reports: Sequence[DriftReport]) -> ClusterPlan:
+        scores = None
+        trained = [k for k, c in self.pool.items() if c.version > 0]
+        if self.cluster_policy.needs_scores and trained:
+            # The most recently used models fit in one scoring message.
+            recent = sorted(trained, key=lambda k: -self.pool[k].last_used)[:MAX_SCORED_MODELS]
+            scores = self.federation.score(tick, {k: self.pool[k].weights for k in recent})
+        views = {k: c.view() for k, c in self.pool.items()}
+        return self.cluster_policy.plan(tick, reports, views, scores)
+
+    def _apply(self, tick: int, plan: ClusterPlan) -> tuple[int, ...]:
+        created = []
+        for key in sorted(set(plan.assignment.values()) - set(self.pool)):
+            source = plan.start_from.get(key)
+            parent = self.pool.get(source) if source is not None else None
+            start = parent.weights if parent is not None else self.initial_weights
+            self.pool[key] = Cluster(
+                key,
+                dict(start),
+                0,
+                tick,
+                tick,
+                split_from=source if parent is not None else None,
+                origin_version=parent.version if parent is not None else 0,
+            )
+            created.append(key)
+        if self.single:
+            # One model: a device that did not report this tick stays on it.
+            self.assignment.update(plan.assignment)
+        else:
+            self.assignment = dict(plan.assignment)
+        members: dict[int, list[int]] = {}
+        for device, key in sorted(self.assignment.items()):
+            members.setdefault(key, []).append(device)
+        for key, cluster in self.pool.items():
+            cluster.devices = tuple(members.get(key, ()))
+            if cluster.devices:
+                cluster.last_used = tick
+        for key in plan.retire:
+            if key in self.pool and not self.pool[key].devices:
+                del self.pool[key]
+        return tuple(created)
+
+    def _decide(self, tick: int, reports: Sequence[DriftReport]) -> dict[int, Decision]:
+        """The trigger policy's verdict for every cluster with reporting members."""
+        by_cluster: dict[int, list[DriftReport]] = {}
+        for r in reports:
+            key = self.assignment.get(r.device)
+            if key is not None and key in self.pool:
+                by_cluster.setdefault(key, []).append(r)
+        return {
+            key: self.policy.decide(
+                tick,
+                group,
+                has_model=self.pool[key].version > 0,
+                last_campaign=self.pool[key].last_campaign,
+            )
+            for key, group in sorted(by_cluster.items())
+        }
+
+    # -- campaigns -----------------------------------------------------------------------------
+    def _campaigns(
+        self,
+        tick: int,
+        decisions: Mapping[int, Decision],
+        reports: Sequence[DriftReport],
+        plan: ClusterPlan,
+        created: tuple[int, ...],
+    ) -> tuple[list[CampaignRecord], list[str]]:
+        records: list[CampaignRecord] = []
+        refusals: list[str] = []
+        first_round = self.rounds_done + 1
+        used = 0
+        for key, decision in decisions.items():
+            if not decision.retrain:
+                continue
+            try:
+                record = self._campaign(tick, key, decision, reports, plan, created, first_round)
+            except CampaignRefused as exc:
+                reason = str(exc) if self.single else f"cluster {key}: {exc}"
+                self._refused(tick, decision, reason)
+                refusals.append(reason)
+                continue
+            records.append(record)
+            used = max(used, record.rounds)
+        self.rounds_done += used
+        return records, refusals
+
+    def _campaign(
+        self,
+        tick: int,
+        key: int,
+        decision: Decision,
+        reports: Sequence[DriftReport],
+        plan: ClusterPlan,
+        created: tuple[int, ...],
+        first_round: int,
+    ) -> CampaignRecord:
+        cluster = self.pool[key]
+        members = cluster.devices
+        reporting = {r.device for r in reports}
+        everyone = tuple(d for d in members if d in reporting)
+        devices = decision.drifted if self.participants == "drifted" and decision.drifted else everyone
+        reason = self._reason(tick, key, decision, plan, created)
         self.tracker.log_event(
-            "resumed",
-            done + 1,
+            "drift_trigger",
+            tick,
             {
-                "after_tick": done,
-                "rounds_done": self.rounds_done,
-                "last_campaign": self.last_campaign,
-                "last_registered": self.last_registered,
-                "recovered": list(self.record.recovered),
+                "reason": reason,
+                "cluster": key,
+                "devices": list(devices),
+                "reports": [r.to_dict() for r in reports if r.device in members],
             },
         )
-        return left
-
-    def _adopt_landed(self, done: int) -> int:
-        """Adopt versions this run registered after its last saved tick (crash before the save).
-
-        Returns the last finished tick: the tick of an adopted campaign is finished.
-        """
-        listing = getattr(self.registry, "versions", None)
-        if not callable(listing):
-            return done
-        try:
-            versions = list(listing())
-        except Exception as exc:  # noqa: BLE001 - the registry may be unreachable right now
-            log.warning(
-                "cannot list the registry to find versions registered after tick %d (%s); "
-                "continuing from the saved state",
-                done,
-                " ".join(str(exc).split())[:200],
-            )
-            return done
-        landed = sorted(
-            (int(v["version"]), dict(v.get("tags", {})))
-            for v in versions
-            if dict(v.get("tags", {})).get(RUN_KEY_TAG) == self.run_key
-            and int(v["version"]) > self.last_registered
+        parent = cluster.version or cluster.origin_version
+        trained_before = cluster.version > 0 or cluster.origin_version > 0
+        if cluster.version > 0 and not self.warm_start:
+            start = self.initial_weights
+        else:
+            start = cluster.weights
+        rounds = self.rounds if trained_before else self.initial_rounds
+        outcome = self.federation.campaign(
+            devices,
+            start,
+            tick=tick,
+            rounds=rounds,
+            first_round=first_round,
+            lineage=self.alias(key),
         )
-        for version, tags in landed:
-            tick = int(tags.get("fedge.trigger_tick", done))
-            self.last_registered = version
-            self.rounds_done += int(tags.get("fedge.campaign_rounds", 0))
-            self.last_campaign = tick
-            if tags.get("fedge.promoted") == "true":
-                self.registry.promote(version)  # idempotent: the alias may have moved already
-            done = max(done, tick)
-            self.record.recovered.append({"tick": tick, "version": version})
-            log.warning(
-                "tick %d: campaign v%d was registered before the restart; adopted, not rerun",
-                tick,
-                version,
+        self._log_rounds(key, outcome)
+        self.model_rounds += len(outcome.rounds)
+        promoted = self._gate(cluster, outcome)
+        tags = {
+            "fedge.parent_version": str(parent) if parent else "none",
+            "fedge.trigger_reason": reason,
+            "fedge.trigger_tick": str(tick),
+            "fedge.campaign_rounds": str(len(outcome.rounds)),
+            "fedge.participating_devices": str(outcome.n_devices),
+            "fedge.devices": ",".join(str(d) for d in devices),
+            "fedge.strategy": self.strategy,
+            "fedge.candidate_acc": f"{outcome.candidate_acc:.4f}",
+            "fedge.champion_acc": f"{outcome.champion_acc:.4f}",
+            "fedge.promoted": str(promoted).lower(),
+            RUN_KEY_TAG: self.run_key,
+            **outcome.tags,
+        }
+        if not self.single:
+            tags.update(
+                {
+                    "fedge.cluster": str(key),
+                    "fedge.merged_clusters": ",".join(str(m) for m in plan.merged.get(key, ())),
+                    "fedge.split_from": "" if cluster.split_from is None else str(cluster.split_from),
+                    "fedge.drifted_devices": ",".join(str(d) for d in decision.drifted),
+                }
             )
-        return done
+        if outcome.metrics:
+            self.tracker.log_metrics(dict(outcome.metrics), step=tick)
+        version = self.registry.register(outcome.weights, tags)
+        self.last_registered = version
+        if promoted:
+            self.registry.set_alias(version, self.alias(key))
+            cluster.weights = outcome.weights
+            cluster.version = version
+            if self.single:
+                self.record.champion = version
+        cluster.last_campaign = tick
+        record = CampaignRecord(
+            tick=tick,
+            reason=reason if self.single else f"{reason} (cluster {key})",
+            devices=tuple(devices),
+            version=version,
+            parent=parent,
+            promoted=promoted,
+            candidate_acc=outcome.candidate_acc,
+            champion_acc=outcome.champion_acc,
+            rounds=len(outcome.rounds),
+            cluster=key,
+        )
+        self.record.campaigns.append(record)
+        self.tracker.log_event("campaign", tick, asdict(record))
+        return record
 
-    # -- late reports ------------------------------------------------------------------------
+    def _reason(
+        self, tick: int, key: int, decision: Decision, plan: ClusterPlan, created: tuple[int, ...]
+    ) -> str:
+        if key in created and not self.single:
+            source = plan.start_from.get(key)
+            if source is None and not self.record.campaigns:
+                return INITIAL
+            return "new cluster" + (f" from cluster {source}" if source is not None else "")
+        return decision.reason
+
+    def _log_rounds(self, key: int, outcome: CampaignOutcome) -> None:
+        for rm in outcome.rounds:
+            if self.single:
+                metrics = {
+                    "round/train_loss": rm.train_loss,
+                    "round/eval_acc": rm.eval_acc,
+                    "round/eval_loss": rm.eval_loss,
+                    "round/champion_acc": rm.champion_acc,
+                    "round/devices": float(rm.n_devices),
+                }
+            else:
+                metrics = {
+                    f"cluster-{key}/eval_acc": rm.eval_acc,
+                    f"cluster-{key}/train_loss": rm.train_loss,
+                    f"cluster-{key}/devices": float(rm.n_devices),
+                }
+            self.tracker.log_metrics(metrics, step=rm.round)
+
+    def _gate(self, cluster: Cluster, outcome: CampaignOutcome) -> bool:
+        """Promote a cluster's first model; later ones only when they beat the current one."""
+        if cluster.version == 0:
+            return True
+        cand, champ = outcome.candidate_acc, outcome.champion_acc
+        if math.isnan(cand):
+            return False
+        if math.isnan(champ):
+            return True
+        return cand > champ + self.min_improvement
+
+    def _refused(self, tick: int, decision: Decision, reason: str) -> None:
+        """Record a campaign the federation declined; said once per distinct reason."""
+        self.record.refused.append({"tick": tick, "reason": reason})
+        self.tracker.log_event("campaign_refused", tick, {"reason": reason, "trigger": decision.reason})
+        if reason != self.last_refusal:
+            log.warning("tick %d: no campaign: %s", tick, reason)
+            self.last_refusal = reason
+
+    # -- late reports --------------------------------------------------------------------------
     def _late_reports(self) -> list[DriftReport]:
         take = getattr(self.federation, "late_reports", None)
         return list(take()) if callable(take) else []
@@ -489,183 +565,185 @@ class Orchestrator:
     def _current_state(
         self, reports: Sequence[DriftReport], late: Sequence[DriftReport]
     ) -> list[DriftReport]:
-        """Reports as the trigger sees them: a drift delivered late, not yet answered, counts."""
-        since = -1 if self.last_campaign is None else self.last_campaign
-        unanswered = {r.device for r in late if r.drift and r.tick > since}
+        """Reports as the policies see them: a drift delivered late, not yet answered, counts."""
+        unanswered = set()
+        for r in late:
+            key = self.assignment.get(r.device)
+            cluster = self.pool.get(key) if key is not None else None
+            since = -1 if cluster is None or cluster.last_campaign is None else cluster.last_campaign
+            if r.drift and r.tick > since:
+                unanswered.add(r.device)
         return [
             replace(r, drift=True) if r.device in unanswered and not r.drift else r for r in reports
         ]
 
-    def step(self, tick: int) -> TickRecord:
-        """One tick: poll, decide, maybe run a campaign and the gate."""
-        reports = self.federation.poll(tick, self.champion)
-        late = self._late_reports()
-        if late:
-            self._record_late(tick, late)
-        decision = self.policy.decide(
-            tick,
-            self._current_state(reports, late),
-            has_model=self.champion is not None,
-            last_campaign=self.last_campaign,
-        )
-        acc = tick_accuracy(reports)
-        rec = TickRecord(
-            tick=tick,
-            accuracy=acc,
-            drift_fraction=len(decision.drifted) / len(reports) if reports else 0.0,
-            drifted=decision.drifted,
-            rejected=sum(r.rejected for r in reports),
-            n_samples=sum(r.n_samples for r in reports),
-            champion=self.champion[0] if self.champion else 0,
-            late_reports=len(late),
-        )
-        self.record.ticks.append(rec)
-        metrics = {
-            "drift_fraction": rec.drift_fraction,
-            "rejected_rows": float(rec.rejected),
-            "devices_reporting": float(len(reports)),
-            "champion_version": float(rec.champion),
-            "late_reports": float(len(late)),
+    # -- persisted state -----------------------------------------------------------------------
+    def snapshot(self, finished: bool = False) -> dict[str, Any]:
+        """The counters and the pool a restarted orchestrator needs, JSON-ready."""
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "run_id": self.run_id,
+            "run_key": self.run_key,
+            "tick": self.last_tick,
+            "finished": finished,
+            "rounds_done": self.rounds_done,
+            "model_rounds": self.model_rounds,
+            "last_registered": self.last_registered,
+            "last_campaign": self.last_campaign,
+            "champion": self._champion_version(),
+            "pool": [c.saved() for c in self.pool.values()],
+            "assignment": {str(d): k for d, k in self.assignment.items()},
+            "policy": repr(self.policy),
         }
-        if acc is not None:
-            metrics["prequential_accuracy"] = acc
-        self.tracker.log_metrics(metrics, step=tick)
-        campaign = None
-        if decision.retrain and reports:
-            try:
-                campaign = self._campaign(tick, decision, reports)
-            except CampaignRefused as exc:
-                self._refused(tick, decision, str(exc))
-                rec = replace(rec, refused=str(exc))
-                self.record.ticks[-1] = rec
-        self.last_tick = tick
-        self._save()
-        if self.on_tick is not None:
-            self.on_tick(rec, campaign)
-        return rec
+        checkpoint = getattr(self.federation, "checkpoint", None)
+        if callable(checkpoint):
+            state["federation"] = checkpoint()
+        return state
 
-    def _campaign(
-        self, tick: int, decision: Decision, reports: Sequence[DriftReport]
-    ) -> CampaignRecord:
-        everyone = tuple(sorted(r.device for r in reports))
-        devices = decision.drifted if self.participants == "drifted" and decision.drifted else everyone
+    def _save(self, finished: bool = False) -> None:
+        if self.state is not None:
+            self.state.save(self.snapshot(finished))
+
+    def _restore(self, ticks: list[int]) -> list[int]:
+        """Continue an interrupted run from the saved state; returns the ticks left."""
+        saved = self.state.load() if self.state is not None and self.resume else None
+        if not saved:
+            return ticks
+        if saved.get("format") != STATE_FORMAT or saved.get("finished", True):
+            return ticks
+        if saved.get("run_id") != self.run_id:
+            log.info(
+                "the last run of this model (%s) stopped after tick %s; this is a new run",
+                saved.get("run_id"),
+                saved.get("tick"),
+            )
+            return ticks
+        self.run_key = str(saved["run_key"])
+        self.rounds_done = int(saved.get("rounds_done", 0))
+        self.model_rounds = int(saved.get("model_rounds", self.rounds_done))
+        self.last_registered = int(saved.get("last_registered", 0))
+        for entry in saved.get("pool", []):
+            c = Cluster(
+                int(entry["key"]),
+                dict(self.initial_weights),
+                int(entry["version"]),
+                int(entry["created"]),
+                int(entry["last_used"]),
+                tuple(int(d) for d in entry.get("devices", [])),
+                None if entry.get("split_from") is None else int(entry["split_from"]),
+                int(entry.get("origin_version", 0)),
+                None if entry.get("last_campaign") is None else int(entry["last_campaign"]),
+            )
+            self.pool[c.key] = c
+        self.assignment = {int(d): int(k) for d, k in dict(saved.get("assignment", {})).items()}
+        restore = getattr(self.federation, "restore", None)
+        if callable(restore) and isinstance(saved.get("federation"), Mapping):
+            restore(saved["federation"])
+        done = saved.get("tick")
+        done = self._adopt_landed(-1 if done is None else int(done))
+        self._load_weights()
+        self.last_tick = done if done >= 0 else None
+        left = [t for t in ticks if t > done]
+        self.record.resumed_at = left[0] if left else None
+        if self.single and self.champion is not None:
+            self.record.champion = self.record.resumed_from = self.champion[0]
+        log.info(
+            "resuming the run after tick %d: %d rounds done, %d model(s) in the pool, "
+            "last registered version %d",
+            done,
+            self.rounds_done,
+            len(self.pool),
+            self.last_registered,
+        )
         self.tracker.log_event(
-            "drift_trigger",
-            tick,
+            "resumed",
+            done + 1,
             {
-                "reason": decision.reason,
-                "devices": list(devices),
-                "reports": [r.to_dict() for r in reports],
+                "after_tick": done,
+                "rounds_done": self.rounds_done,
+                "pool": [c.saved() for c in self.pool.values()],
+                "last_registered": self.last_registered,
+                "recovered": list(self.record.recovered),
             },
         )
-        parent = self.champion[0] if self.champion else 0
-        start = self.champion[1] if self.champion and self.warm_start else self.initial_weights
-        rounds = self.rounds if self.champion else self.initial_rounds
-        outcome = self.federation.campaign(
-            devices, start, tick=tick, rounds=rounds, first_round=self.rounds_done + 1
-        )
-        for rm in outcome.rounds:
-            self.tracker.log_metrics(
-                {
-                    "round/train_loss": rm.train_loss,
-                    "round/eval_acc": rm.eval_acc,
-                    "round/eval_loss": rm.eval_loss,
-                    "round/champion_acc": rm.champion_acc,
-                    "round/devices": float(rm.n_devices),
-                },
-                step=rm.round,
+        return left
+
+    def _load_weights(self) -> None:
+        """Each trained cluster's weights, from the registry version under its alias."""
+        for key, cluster in list(self.pool.items()):
+            if cluster.version <= 0:
+                continue
+            found = self.registry.load(self.alias(key))
+            if found is None:
+                log.warning(
+                    "cluster %d: alias %r is missing from the registry; it starts fresh",
+                    key,
+                    self.alias(key),
+                )
+                cluster.version = 0
+                continue
+            version, weights = found
+            if version != cluster.version:
+                log.warning(
+                    "cluster %d: the registry serves v%d, the saved state v%d; taking the registry's",
+                    key,
+                    version,
+                    cluster.version,
+                )
+            cluster.version, cluster.weights = version, weights
+
+    def _adopt_landed(self, done: int) -> int:
+        """Adopt versions this run registered after its last saved tick (crash before the save).
+
+        Returns the last finished tick: the tick of an adopted campaign is finished.
+        """
+        listing = getattr(self.registry, "versions", None)
+        if not callable(listing):
+            return done
+        try:
+            versions = list(listing())
+        except Exception as exc:  # noqa: BLE001 - the registry may be unreachable right now
+            log.warning(
+                "cannot list the registry to find versions registered after tick %d (%s); "
+                "continuing from the saved state",
+                done,
+                " ".join(str(exc).split())[:200],
             )
-        self.rounds_done += len(outcome.rounds)
-        promoted = self._gate(outcome)
-        tags = {
-            "fedge.parent_version": str(parent) if parent else "none",
-            "fedge.trigger_reason": decision.reason,
-            "fedge.trigger_tick": str(tick),
-            "fedge.campaign_rounds": str(len(outcome.rounds)),
-            "fedge.participating_devices": str(outcome.n_devices),
-            "fedge.devices": ",".join(str(d) for d in devices),
-            "fedge.strategy": self.strategy,
-            "fedge.candidate_acc": f"{outcome.candidate_acc:.4f}",
-            "fedge.champion_acc": f"{outcome.champion_acc:.4f}",
-            "fedge.promoted": str(promoted).lower(),
-            RUN_KEY_TAG: self.run_key,
-            **outcome.tags,
-        }
-        if outcome.metrics:
-            self.tracker.log_metrics(dict(outcome.metrics), step=tick)
-        version = self.registry.register(outcome.weights, tags)
-        self.last_registered = version
-        if promoted:
-            self.registry.promote(version)
-            self.champion = (version, outcome.weights)
-            self.record.champion = version
-        self.last_campaign = tick
-        record = CampaignRecord(
-            tick=tick,
-            reason=decision.reason,
-            devices=devices,
-            version=version,
-            parent=parent,
-            promoted=promoted,
-            candidate_acc=outcome.candidate_acc,
-            champion_acc=outcome.champion_acc,
-            rounds=len(outcome.rounds),
+            return done
+        landed = sorted(
+            (int(v["version"]), dict(v.get("tags", {})))
+            for v in versions
+            if dict(v.get("tags", {})).get(RUN_KEY_TAG) == self.run_key
+            and int(v["version"]) > self.last_registered
         )
-        self.record.campaigns.append(record)
-        self.tracker.log_event("campaign", tick, asdict(record))
-        return record
-
-    def _refused(self, tick: int, decision: Decision, reason: str) -> None:
-        """Record a campaign the federation declined; said once per distinct reason."""
-        self.record.refused.append({"tick": tick, "reason": reason})
-        self.tracker.log_event("campaign_refused", tick, {"reason": reason, "trigger": decision.reason})
-        if reason != self.last_refusal:
-            log.warning("tick %d: no campaign: %s", tick, reason)
-            self.last_refusal = reason
-
-    def _gate(self, outcome: CampaignOutcome) -> bool:
-        if self.champion is None:
-            return True
-        cand, champ = outcome.candidate_acc, outcome.champion_acc
-        if math.isnan(cand):
-            return False
-        if math.isnan(champ):
-            return True
-        return cand > champ + self.min_improvement
-
-
-@dataclass(frozen=True)
-class DriftRecovery:
-    """Accuracy around one scheduled drift."""
-
-    step: int
-    before: float | None
-    right_after: float | None
-    after_retraining: float | None
-    retrained_at: int | None
-
-
-def drift_recoveries(record: RunRecord, drift_steps: Sequence[int]) -> list[DriftRecovery]:
-    """Accuracy before, right after and after the retraining of each drift.
-
-    "After retraining" is the accuracy at the tick following the first promoted
-    campaign at or after the drift (the tick that model is deployed in).
-    """
-    out = []
-    for step in drift_steps:
-        promoted = [c.tick for c in record.campaigns if c.promoted and c.tick >= step]
-        retrained_at = promoted[0] if promoted else None
-        next_drift = min((s for s in drift_steps if s > step), default=None)
-        after = None
-        if retrained_at is not None and (next_drift is None or retrained_at + 1 < next_drift):
-            after = record.accuracy(retrained_at + 1)
-        out.append(
-            DriftRecovery(
-                step=step,
-                before=record.accuracy(step - 1),
-                right_after=record.accuracy(step),
-                after_retraining=after,
-                retrained_at=retrained_at,
+        adopted_ticks: set[int] = set()
+        for version, tags in landed:
+            tick = int(tags.get("fedge.trigger_tick", done))
+            key = int(tags.get("fedge.cluster", 0)) if not self.single else next(iter(self.pool), 0)
+            cluster = self.pool.get(key)
+            if cluster is None:
+                devices = tuple(int(d) for d in tags.get("fedge.devices", "").split(",") if d)
+                cluster = Cluster(key, dict(self.initial_weights), 0, tick, tick, devices)
+                self.pool[key] = cluster
+                for d in devices:
+                    self.assignment[d] = key
+            self.last_registered = version
+            if tick not in adopted_ticks:
+                self.rounds_done += int(tags.get("fedge.campaign_rounds", 0))
+                adopted_ticks.add(tick)
+            self.model_rounds += int(tags.get("fedge.campaign_rounds", 0))
+            cluster.last_campaign = tick
+            if tags.get("fedge.promoted") == "true":
+                self.registry.set_alias(version, self.alias(key))  # idempotent
+                cluster.version = version
+            done = max(done, tick)
+            adopted: dict[str, int] = {"tick": tick, "version": version}
+            if not self.single:
+                adopted["cluster"] = key
+            self.record.recovered.append(adopted)
+            log.warning(
+                "tick %d: campaign v%d was registered before the restart; adopted, not rerun",
+                tick,
+                version,
             )
-        )
-    return out
+        return done

@@ -20,8 +20,8 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedge.contracts import protocol as p
+from fedge.core.ports import CampaignRefused
 from fedge.engines.view import GridView
-from fedge.core.orchestrator import CampaignRefused
 
 log = logging.getLogger("fedge.server")
 

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedge.privacy.audit import summarise, verify
 from fedge.contracts.protocol import EGRESS
+from fedge.privacy.audit import summarise, verify
 from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 

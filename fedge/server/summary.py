@@ -1,0 +1,115 @@
+"""What a person reads after a run: the tick log line, the summary and the accuracy plot."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedge.contracts.config import FedgeConfig
+from fedge.core.records import CampaignRecord, RunRecord, TickRecord, drift_recoveries
+from fedge.scenarios import Scenario
+from fedge.tracking import Tracker, TrackingError, ui_command
+
+log = logging.getLogger("fedge.server")
+
+
+def log_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
+    acc = "-" if rec.accuracy is None else f"{rec.accuracy:.3f}"
+    log.info("tick %d: accuracy %s, drift %.0f%%", rec.tick, acc, 100 * rec.drift_fraction)
+    if campaign is not None:
+        verdict = "promoted" if campaign.promoted else "kept champion"
+        log.info(
+            "tick %d: campaign (%s) -> v%d %s (%.3f vs %.3f)",
+            rec.tick,
+            campaign.reason,
+            campaign.version,
+            verdict,
+            campaign.candidate_acc,
+            campaign.champion_acc,
+        )
+
+
+def build_summary(
+    cfg: FedgeConfig,
+    record: RunRecord,
+    scenario: Scenario,
+    tracker: Tracker,
+    uri: str,
+    folder: Path,
+    engine: str,
+) -> dict[str, Any]:
+    """Everything a person wants to know after a run, JSON-ready.
+
+    ``tracking`` says whether the run's MLflow writes landed or wait in its outbox
+    (the tracking server unreachable); then ``versions`` lists the versions this
+    run registered, by the numbers it used, as ``pending``.
+    """
+    tracking = tracker.sync_state()
+    try:
+        versions = [
+            {"version": v["version"], "aliases": v["aliases"], "tags": v["tags"]}
+            for v in tracker.versions()
+        ]
+    except TrackingError:
+        versions = [
+            {"version": v["version"], "aliases": [], "tags": {}, "state": v["state"]}
+            for v in tracking["versions"]
+        ]
+    return {
+        "scenario": cfg.scenario.name,
+        "engine": engine,
+        "run_id": tracker.run_id,
+        "run_dir": str(folder),
+        "tracking_uri": uri,
+        "ui_command": ui_command(uri),
+        "model_name": cfg.model_name,
+        "policy": cfg.trigger.policy,
+        "resumed_from": record.resumed_from,
+        "champion": record.champion,
+        "drift_steps": list(scenario.schedule.drift_steps()),
+        "recoveries": [asdict(r) for r in drift_recoveries(record, scenario.schedule.drift_steps())],
+        "campaigns": [asdict(c) for c in record.campaigns],
+        "ticks": [asdict(t) for t in record.ticks],
+        "versions": versions,
+        "tracking": tracking,
+        "rejected_rows": sum(t.rejected for t in record.ticks),
+        "refused": list(record.refused),
+        "config": cfg.flat(),
+    }
+
+
+def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path | None:
+    """Accuracy per tick with drifts and campaigns marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ticks = [t.tick for t in record.ticks if t.accuracy is not None]
+    acc = [t.accuracy for t in record.ticks if t.accuracy is not None]
+    if not ticks:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(ticks, acc, marker="o", label="prequential accuracy")
+    for i, step in enumerate(drift_steps):
+        ax.axvline(step, color="red", linestyle="--", alpha=0.6, label="drift" if i == 0 else None)
+    for i, c in enumerate(record.campaigns):
+        ax.axvline(
+            c.tick + 0.5,
+            color="green" if c.promoted else "grey",
+            alpha=0.5,
+            label=("campaign" if i == 0 else None),
+        )
+    ax.set_xlabel("tick")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
