@@ -24,6 +24,7 @@ def run_captured(
     overrides: Sequence[str],
     folder: Path,
     watch: Callable[[InProcessGrid, Message, Message], None] | None = None,
+    on_tick: Callable[..., None] | None = None,
 ) -> tuple[dict[str, Any], list[Exchange]]:
     """The run's summary and every (request, reply) pair, in order.
 
@@ -43,7 +44,7 @@ def run_captured(
 
     grid.on_exchange = record
     try:
-        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
+        summary = run_server(grid, cfg, folder, on_tick=on_tick or (lambda *_: None))
     finally:
         forget_devices()
     return summary, crossed

@@ -143,8 +143,10 @@ class ClusteringConfig:
     Off by default: one champion serves every device. On, devices whose detector
     fires are split onto a new model, a device is moved to the model that fits
     its latest samples, and models whose devices' data agree are merged
-    (:class:`fedge.core.clustering.DriftClustering`); every cluster trains
-    in every campaign round on its own devices.
+    (:class:`fedge.core.clustering.DriftClustering`). Each cluster is its own
+    model lineage (registry alias ``cluster-<key>``, its own privacy ledger);
+    the trigger policy decides per cluster, and a campaign trains a cluster on
+    its own devices with the configured strategy and privacy settings.
     """
 
     enabled: bool = False
@@ -413,14 +415,6 @@ def _check_privacy(cfg: FedgeConfig) -> None:
             )
         except ValueError as exc:
             raise ConfigError(_one_line(exc)) from None
-    if pv.dp != "none" and cfg.clustering.enabled:
-        raise ConfigError(
-            "privacy.dp: not supported with clustering.enabled (one budget per model lineage)"
-        )
-    if pv.secure_aggregation and cfg.clustering.enabled:
-        raise ConfigError(
-            "privacy.secure_aggregation: not supported with clustering.enabled"
-        )
     if pv.dp in ("central-server", "central-client") and c.strategy in ROBUST_STRATEGIES:
         raise ConfigError(
             f"privacy.dp: central DP noise is calibrated to an average; campaign.strategy "

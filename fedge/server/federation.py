@@ -97,7 +97,6 @@ class FlowerFederation:
         self._joined = False
         #: Devices whose last reply was an error: device or node -> "Type: first line".
         self.errors: dict[str, str] = {}
-        self.privacy_for(CHAMPION_ALIAS)
 
     # -- privacy per lineage -------------------------------------------------------------------
     def privacy_for(self, lineage: str) -> PrivateCampaigns:
