@@ -86,7 +86,8 @@ def run(
 
 def feed_devices(cfg: FedgeConfig, folder: Path) -> None:
     """Put every device's scenario rows into its ingest inbox, as a device application would."""
-    from clients.ingest import feed_scenario, inbox_path
+    from clients.ingest import inbox_path
+    from fedge.scenarios.feed import feed_scenario
 
     for device in range(cfg.scenario.clients):
         feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
