@@ -31,8 +31,8 @@ batches or none; the checked batches of a call wait in memory up to
 while they are copied in, so a reading device is never kept waiting for a long
 parse. Files are read as a stream of chunks of :data:`CHUNK_ROWS` rows: storing
 a 1,000,000-row CSV (two features) with ``fedge-ingest`` peaked at 386 MB
-resident when the whole file was read first and at about 43 MB chunk by chunk
-(``/usr/bin/time -v``; about 36 MB of it is the interpreter and NumPy).
+resident when the whole file was read first and at 46 MB chunk by chunk
+(``/usr/bin/time -v``; importing this module alone peaks at 29 MB).
 :func:`ingest` and the command line create a new inbox only once the input has
 been accepted, so a refused file leaves no inbox behind.
 
