@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.ingest import Batch, DataSchema, Inbox, inbox_path, inbox_schema
+from clients.ingest import Batch, Inbox, InboxSchema, inbox_path, read_schema
 from clients.monitor import DriftMonitor
 from clients.store import DeviceStore
 from clients.validation import validate_rows
@@ -58,7 +58,7 @@ class Device:
         Stable partition id of this device.
     store_path : Path
         SQLite file of the on-device store.
-    schema : DataSchema, optional
+    schema : InboxSchema, optional
         Row width and number of classes. Omitted, they are read from the
         device's ingest inbox (``inbox_path(store_path)``), the device's one data
         source; a device with neither has no data and says so.
@@ -69,11 +69,11 @@ class Device:
         cfg: FedgeConfig,
         device_id: int,
         store_path: Path,
-        schema: DataSchema | None = None,
+        schema: InboxSchema | None = None,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
-        self.schema = schema if schema is not None else inbox_schema(inbox_path(Path(store_path)))
+        self.schema = schema if schema is not None else read_schema(inbox_path(Path(store_path)))
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
         self._model = nets.build_model(
             self.schema.n_features, self.schema.n_classes, cfg.model.hidden, cfg.model.layers

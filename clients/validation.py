@@ -17,6 +17,7 @@ REJECT_REASONS: tuple[str, ...] = ("wrong_width", "non_finite", "unknown_label")
 """Why a row can be rejected, in the order the checks run; a row counts under the first."""
 
 _NUMERIC_KINDS = frozenset("biuf")
+_LABEL_KINDS = frozenset("iuf")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ def validate_rows(
         ``float32`` or an entry that is not a number is ``"non_finite"``.
     y
         One label per row. Labels that are not integers (integral floats such as ``2.0``
-        are accepted) or lie outside ``0 .. n_classes - 1`` are ``"unknown_label"``.
+        are accepted; booleans are not labels) or lie outside ``0 .. n_classes - 1`` are
+        ``"unknown_label"``. A NumPy column of labels, shape ``(n, 1)``, is read as
+        ``(n,)``; a row's label given as a list (``[1]``) is unknown.
     n_features
         Expected row width, at least 1.
     n_classes
@@ -211,11 +214,13 @@ def _check_labels(y: Any, n_rows: int, n_classes: int) -> tuple[np.ndarray, np.n
     """Return int64 labels (0 where unusable) and the unknown-label mask."""
     try:
         arr = np.asarray(y)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         arr = None
-    if arr is not None and arr.ndim == 2 and arr.shape[1] == 1:
+    if isinstance(y, np.ndarray) and arr is not None and arr.ndim == 2 and arr.shape[1] == 1:
+        # Only a NumPy column vector: in a list, ``[1]`` is a malformed label, not a 1.
         arr = arr[:, 0]
-    if arr is not None and arr.ndim == 1 and arr.dtype.kind in _NUMERIC_KINDS:
+    # Booleans are not class labels ("true" is not class 1), so only ints and floats.
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in _LABEL_KINDS:
         if arr.dtype.kind == "f":
             with np.errstate(invalid="ignore"):
                 integral = np.isfinite(arr) & (np.floor(arr) == arr)
@@ -236,7 +241,9 @@ def _check_labels(y: Any, n_rows: int, n_classes: int) -> tuple[np.ndarray, np.n
 
 
 def _as_label(value: object) -> int | None:
-    if isinstance(value, bool | np.bool_ | int | np.integer):
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
         return int(value)
     if isinstance(value, float | np.floating) and np.isfinite(value) and float(value).is_integer():
         return int(value)

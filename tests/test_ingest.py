@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from inprocess_helpers import fed_device
 
-from clients.ingest import Inbox, IngestError, feed_scenario, inbox_path, main
+from clients.ingest import Inbox, IngestError, inbox_path, main
 from clients.validation import validate_rows
 from fedge.contracts.config import load_config
 from fedge.scenarios import build_scenario
+from fedge.scenarios.feed import feed_scenario
 
 
 @pytest.fixture
@@ -141,8 +143,10 @@ def test_cli_stores_json_lines_with_a_default_tick(
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("tick,a,b,label\n0,0.1,0.2,0\n1,0.3,oops,1\n", "line 3: b is not a number: 'oops'"),
-        ("tick,a,b,label\n0,0.1,0.2,0\n1,0.3,nan,1\n", "tick 1, row 0: a feature is NaN"),
+        ("tick,a,b,label\n0,0.1,0.2,0\n1,0.3,oops,1\n", "line 3, column 3 (b): not a number: 'oops'"),
+        ("tick,a,b,label\n0,0.1,0.2,0\n1,0.3,nan,1\n", "line 3, column 3 (b): 'nan' is not a finite"),
+        ("tick,a,b,label\n1,0.1,0.2,0\n0,0.3,0.4,1\n", "line 3: tick 0 comes after tick 1"),
+        ("tick,a,b,c,label\n0,0.1,0.2,0.3,0\n", "the header has 3 feature columns, the inbox holds rows of 2"),
         ("tick,a,b,label\n0,0.1,0.2,0\n1,0.3\n", "line 3: 2 fields, the header has 4"),
         ("tick,a,b\n0,0.1,0.2\n", "the header has no 'label' column"),
         ("a,b,label\n0.1,0.2,0\n", "line 2: no tick"),
@@ -152,15 +156,17 @@ def test_cli_refuses_a_malformed_file_in_one_line_and_stores_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
 ) -> None:
     box = tmp_path / "box.sqlite"
-    Inbox(box, n_features=2, n_classes=2).close()
+    with Inbox(box, n_features=2, n_classes=2) as inbox:
+        inbox.append(0, [[0.5, 0.5]], [1])
+    before = hashlib.sha256(box.read_bytes()).hexdigest()
     data = tmp_path / "samples.csv"
     data.write_text(content)
     assert main([str(box), str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedge-ingest: error: ") and err.count("\n") == 1
     assert message in err
-    with Inbox(box) as inbox:
-        assert len(inbox) == 0
+    assert hashlib.sha256(box.read_bytes()).hexdigest() == before, "the inbox is exactly as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box.sqlite", "samples.csv"]
 
 
 def test_cli_bad_arguments_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

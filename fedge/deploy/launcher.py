@@ -640,7 +640,8 @@ def deploy(
     credentials = request.credentials or cfg.output_dir / "deployment"
     say = on_status or (lambda _msg: None)
     if request.feed_inbox:
-        from clients.ingest import feed_scenario, inbox_path
+        from clients.ingest import inbox_path
+        from fedge.scenarios.feed import feed_scenario
 
         for device in range(n):
             feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
