@@ -66,13 +66,11 @@ from fedge.core.records import (
     TickRecord,
     tick_accuracy,
 )
+from fedge.core.resume import RUN_KEY_TAG, restore, snapshot
 from fedge.core.triggers import INITIAL, Decision, TriggerPolicy
 
 log = logging.getLogger("fedge.server")
 
-#: Version tag naming the run (across restarts) a model version was registered by.
-RUN_KEY_TAG = "fedge.run_key"
-STATE_FORMAT = 2
 
 TickCallback = Callable[[TickRecord, CampaignRecord | None], None]
 
@@ -580,170 +578,12 @@ class Orchestrator:
     # -- persisted state -----------------------------------------------------------------------
     def snapshot(self, finished: bool = False) -> dict[str, Any]:
         """The counters and the pool a restarted orchestrator needs, JSON-ready."""
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "run_id": self.run_id,
-            "run_key": self.run_key,
-            "tick": self.last_tick,
-            "finished": finished,
-            "rounds_done": self.rounds_done,
-            "model_rounds": self.model_rounds,
-            "last_registered": self.last_registered,
-            "last_campaign": self.last_campaign,
-            "champion": self._champion_version(),
-            "pool": [c.saved() for c in self.pool.values()],
-            "assignment": {str(d): k for d, k in self.assignment.items()},
-            "policy": repr(self.policy),
-        }
-        checkpoint = getattr(self.federation, "checkpoint", None)
-        if callable(checkpoint):
-            state["federation"] = checkpoint()
-        return state
+        return snapshot(self, finished)
 
     def _save(self, finished: bool = False) -> None:
         if self.state is not None:
-            self.state.save(self.snapshot(finished))
+            self.state.save(snapshot(self, finished))
 
     def _restore(self, ticks: list[int]) -> list[int]:
         """Continue an interrupted run from the saved state; returns the ticks left."""
-        saved = self.state.load() if self.state is not None and self.resume else None
-        if not saved:
-            return ticks
-        if saved.get("format") != STATE_FORMAT or saved.get("finished", True):
-            return ticks
-        if saved.get("run_id") != self.run_id:
-            log.info(
-                "the last run of this model (%s) stopped after tick %s; this is a new run",
-                saved.get("run_id"),
-                saved.get("tick"),
-            )
-            return ticks
-        self.run_key = str(saved["run_key"])
-        self.rounds_done = int(saved.get("rounds_done", 0))
-        self.model_rounds = int(saved.get("model_rounds", self.rounds_done))
-        self.last_registered = int(saved.get("last_registered", 0))
-        for entry in saved.get("pool", []):
-            c = Cluster(
-                int(entry["key"]),
-                dict(self.initial_weights),
-                int(entry["version"]),
-                int(entry["created"]),
-                int(entry["last_used"]),
-                tuple(int(d) for d in entry.get("devices", [])),
-                None if entry.get("split_from") is None else int(entry["split_from"]),
-                int(entry.get("origin_version", 0)),
-                None if entry.get("last_campaign") is None else int(entry["last_campaign"]),
-            )
-            self.pool[c.key] = c
-        self.assignment = {int(d): int(k) for d, k in dict(saved.get("assignment", {})).items()}
-        restore = getattr(self.federation, "restore", None)
-        if callable(restore) and isinstance(saved.get("federation"), Mapping):
-            restore(saved["federation"])
-        done = saved.get("tick")
-        done = self._adopt_landed(-1 if done is None else int(done))
-        self._load_weights()
-        self.last_tick = done if done >= 0 else None
-        left = [t for t in ticks if t > done]
-        self.record.resumed_at = left[0] if left else None
-        if self.single and self.champion is not None:
-            self.record.champion = self.record.resumed_from = self.champion[0]
-        log.info(
-            "resuming the run after tick %d: %d rounds done, %d model(s) in the pool, "
-            "last registered version %d",
-            done,
-            self.rounds_done,
-            len(self.pool),
-            self.last_registered,
-        )
-        self.tracker.log_event(
-            "resumed",
-            done + 1,
-            {
-                "after_tick": done,
-                "rounds_done": self.rounds_done,
-                "pool": [c.saved() for c in self.pool.values()],
-                "last_registered": self.last_registered,
-                "recovered": list(self.record.recovered),
-            },
-        )
-        return left
-
-    def _load_weights(self) -> None:
-        """Each trained cluster's weights, from the registry version under its alias."""
-        for key, cluster in list(self.pool.items()):
-            if cluster.version <= 0:
-                continue
-            found = self.registry.load(self.alias(key))
-            if found is None:
-                log.warning(
-                    "cluster %d: alias %r is missing from the registry; it starts fresh",
-                    key,
-                    self.alias(key),
-                )
-                cluster.version = 0
-                continue
-            version, weights = found
-            if version != cluster.version:
-                log.warning(
-                    "cluster %d: the registry serves v%d, the saved state v%d; taking the registry's",
-                    key,
-                    version,
-                    cluster.version,
-                )
-            cluster.version, cluster.weights = version, weights
-
-    def _adopt_landed(self, done: int) -> int:
-        """Adopt versions this run registered after its last saved tick (crash before the save).
-
-        Returns the last finished tick: the tick of an adopted campaign is finished.
-        """
-        listing = getattr(self.registry, "versions", None)
-        if not callable(listing):
-            return done
-        try:
-            versions = list(listing())
-        except Exception as exc:  # noqa: BLE001 - the registry may be unreachable right now
-            log.warning(
-                "cannot list the registry to find versions registered after tick %d (%s); "
-                "continuing from the saved state",
-                done,
-                " ".join(str(exc).split())[:200],
-            )
-            return done
-        landed = sorted(
-            (int(v["version"]), dict(v.get("tags", {})))
-            for v in versions
-            if dict(v.get("tags", {})).get(RUN_KEY_TAG) == self.run_key
-            and int(v["version"]) > self.last_registered
-        )
-        adopted_ticks: set[int] = set()
-        for version, tags in landed:
-            tick = int(tags.get("fedge.trigger_tick", done))
-            key = int(tags.get("fedge.cluster", 0)) if not self.single else next(iter(self.pool), 0)
-            cluster = self.pool.get(key)
-            if cluster is None:
-                devices = tuple(int(d) for d in tags.get("fedge.devices", "").split(",") if d)
-                cluster = Cluster(key, dict(self.initial_weights), 0, tick, tick, devices)
-                self.pool[key] = cluster
-                for d in devices:
-                    self.assignment[d] = key
-            self.last_registered = version
-            if tick not in adopted_ticks:
-                self.rounds_done += int(tags.get("fedge.campaign_rounds", 0))
-                adopted_ticks.add(tick)
-            self.model_rounds += int(tags.get("fedge.campaign_rounds", 0))
-            cluster.last_campaign = tick
-            if tags.get("fedge.promoted") == "true":
-                self.registry.set_alias(version, self.alias(key))  # idempotent
-                cluster.version = version
-            done = max(done, tick)
-            adopted: dict[str, int] = {"tick": tick, "version": version}
-            if not self.single:
-                adopted["cluster"] = key
-            self.record.recovered.append(adopted)
-            log.warning(
-                "tick %d: campaign v%d was registered before the restart; adopted, not rerun",
-                tick,
-                version,
-            )
-        return done
+        return restore(self, ticks)
