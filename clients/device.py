@@ -32,6 +32,7 @@ from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
 from fedge.contracts.protocol import MAX_LATE_REPORTS, DriftReport
+from fedge.privacy.audit import anchor_fields, chain_head
 from fedge.scenarios import Scenario, build_scenario
 
 log = logging.getLogger("fedge.device")
@@ -61,6 +62,10 @@ class Device:
         SQLite file of the on-device store.
     scenario : Scenario, optional
         The device's data source; built from ``cfg`` when omitted.
+    audit_path : Path, optional
+        The device's audit log, whose entry count and chain head each report
+        carries; by default ``device-<id>.audit.jsonl`` beside the store (where
+        :func:`clients.client_app.audit_path` puts it).
     """
 
     def __init__(
@@ -69,9 +74,11 @@ class Device:
         device_id: int,
         store_path: Path,
         scenario: Scenario | None = None,
+        audit_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
+        self.audit_path = audit_path if audit_path is not None else Path(store_path).with_suffix(".audit.jsonl")
         self.scenario = scenario if scenario is not None else build_scenario(cfg.scenario)
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
         self._model = nets.build_model(
@@ -210,6 +217,7 @@ class Device:
                 rejected_non_finite=rejected["non_finite"],
                 rejected_wrong_width=rejected["wrong_width"],
                 rejected_unknown_label=rejected["unknown_label"],
+                **self._audit_anchor(),
             )
             self._record(report)
             self._persist()
@@ -291,7 +299,23 @@ class Device:
             n_drifts=0,
             drifts_total=self.monitor.drifts_total,
             window_size=len(self.store),
+            **self._audit_anchor(),
         )
+
+    def _audit_anchor(self) -> dict[str, int]:
+        """The audit log's entry count and chain head, for the report (what the server anchors).
+
+        An unreadable log is the egress mod's to refuse; the report then says nothing of it.
+        """
+        try:
+            entries, head = chain_head(self.audit_path)
+        except (OSError, ValueError) as exc:
+            log.warning("device %d: audit log not anchored in this report: %s", self.device_id, exc)
+            return {}
+        if entries == 0:
+            return {}
+        hi, lo = anchor_fields(head)
+        return {"audit_entries": entries, "audit_head_hi": hi, "audit_head_lo": lo}
 
     def backlog(self, current: int, limit: int = MAX_LATE_REPORTS) -> list[DriftReport]:
         """Reports still waiting for an acknowledgement, oldest first, except ``current``'s."""

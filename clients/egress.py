@@ -4,7 +4,10 @@
 :func:`make_egress_mod` turns that into a Flower client mod that blocks any
 reply outside the contract (the server receives an error instead, and the
 device logs why) and records every outgoing message in the device's
-hash-chained audit log.
+keyed, hash-chained audit log (:class:`fedge.privacy.audit.AuditLog`; the key
+file beside the log is created with it). The drift reports a device sends say
+how long that log is and how its chain ends, so the server can tell later
+whether it was cut short or rewritten (:class:`fedge.privacy.audit.AuditAnchors`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients.secagg import secagg_egress_violations
-from fedge.privacy.audit import AuditLog
 from fedge.contracts.compression import CODECS, encoded_shapes
 from fedge.contracts.protocol import COMPRESSION, CONFIG, EGRESS
+from fedge.privacy.audit import AuditLog
 from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 log = logging.getLogger("fedge.device")
