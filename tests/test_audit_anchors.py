@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import stat
 from pathlib import Path
 
@@ -305,3 +307,24 @@ def test_a_device_anchors_its_report_to_its_own_log(tmp_path: Path) -> None:
     old = {k: v for k, v in report.to_dict().items() if not k.startswith("audit_")}
     assert not AuditAnchors().record(DriftReport.from_dict(old))
     device.close()
+
+
+def _open_and_append(path: Path, kind: str) -> None:
+    log = AuditLog(path, sync_interval=0)
+    for i in range(20):
+        log.append({"message_type": kind, "bytes": i, "blocked": False})
+    os._exit(0)
+
+
+def test_processes_that_start_a_log_together_share_one_key(tmp_path: Path) -> None:
+    path = tmp_path / "device-0.audit.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_open_and_append, args=(path, k)) for k in ("train", "evaluate", "query")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    verdict = verify(path)
+    assert verdict.ok and verdict.keyed and verdict.entries == 60, verdict
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".key")] == ["device-0.audit.key"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
