@@ -32,6 +32,7 @@ from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
 from fedge.contracts.protocol import MAX_LATE_REPORTS, DriftReport
+from fedge.privacy.audit import anchor_fields, chain_head
 
 log = logging.getLogger("fedge.device")
 
@@ -62,6 +63,10 @@ class Device:
         Row width and number of classes. Omitted, they are read from the
         device's ingest inbox (``inbox_path(store_path)``), the device's one data
         source; a device with neither has no data and says so.
+    audit_path : Path, optional
+        The device's audit log, whose entry count and chain head each report
+        carries; by default ``device-<id>.audit.jsonl`` beside the store (where
+        :func:`clients.client_app.audit_path` puts it).
     """
 
     def __init__(
@@ -70,10 +75,14 @@ class Device:
         device_id: int,
         store_path: Path,
         schema: InboxSchema | None = None,
+        audit_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
         self.schema = schema if schema is not None else read_schema(inbox_path(Path(store_path)))
+        self.audit_path = (
+            audit_path if audit_path is not None else Path(store_path).with_suffix(".audit.jsonl")
+        )
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
         self._model = nets.build_model(
             self.schema.n_features, self.schema.n_classes, cfg.model.hidden, cfg.model.layers
@@ -216,6 +225,7 @@ class Device:
                 rejected_non_finite=rejected["non_finite"],
                 rejected_wrong_width=rejected["wrong_width"],
                 rejected_unknown_label=rejected["unknown_label"],
+                **self._audit_anchor(),
             )
             self._record(report)
             self._persist()
@@ -297,7 +307,23 @@ class Device:
             n_drifts=0,
             drifts_total=self.monitor.drifts_total,
             window_size=len(self.store),
+            **self._audit_anchor(),
         )
+
+    def _audit_anchor(self) -> dict[str, int]:
+        """The audit log's entry count and chain head, for the report (what the server anchors).
+
+        An unreadable log is the egress mod's to refuse; the report then says nothing of it.
+        """
+        try:
+            entries, head = chain_head(self.audit_path)
+        except (OSError, ValueError) as exc:
+            log.warning("device %d: audit log not anchored in this report: %s", self.device_id, exc)
+            return {}
+        if entries == 0:
+            return {}
+        hi, lo = anchor_fields(head)
+        return {"audit_entries": entries, "audit_head_hi": hi, "audit_head_lo": lo}
 
     def backlog(self, current: int, limit: int = MAX_LATE_REPORTS) -> list[DriftReport]:
         """Reports still waiting for an acknowledgement, oldest first, except ``current``'s."""

@@ -4,7 +4,10 @@
 :func:`make_egress_mod` turns that into a Flower client mod that blocks any
 reply outside the contract (the server receives an error instead, and the
 device logs why) and records every outgoing message in the device's
-hash-chained audit log.
+keyed, hash-chained audit log (:class:`fedge.privacy.audit.AuditLog`; the key
+file beside the log is created with it). The drift reports a device sends say
+how long that log is and how its chain ends, so the server can tell later
+whether it was cut short or rewritten (:class:`fedge.privacy.audit.AuditAnchors`).
 """
 
 from __future__ import annotations

@@ -131,6 +131,14 @@ class DriftReport:
         Samples held in the device's bounded window after this tick.
     rejected_non_finite, rejected_wrong_width, rejected_unknown_label : int
         Rows refused at the source this tick, by reason.
+    audit_entries : int, default 0
+        Entries in the device's audit log when the report was made (0: none, or
+        a device that does not say); the server keeps them as anchors
+        (:class:`fedge.privacy.audit.AuditAnchors`) to catch a log cut short,
+        emptied, deleted or rewritten afterwards.
+    audit_head_hi, audit_head_lo : int, default 0
+        The first 128 bits of the hash of the log's last entry, as two signed
+        64-bit ints (see :func:`fedge.privacy.audit.anchor_fields`).
     """
 
     device: int
@@ -145,6 +153,9 @@ class DriftReport:
     rejected_non_finite: int = 0
     rejected_wrong_width: int = 0
     rejected_unknown_label: int = 0
+    audit_entries: int = 0
+    audit_head_hi: int = 0
+    audit_head_lo: int = 0
 
     @property
     def rejected(self) -> int:

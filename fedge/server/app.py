@@ -99,6 +99,7 @@ def run_server(
             scenario.n_clients,
             families=clusters is not None,
             history=tracker.versions() if cfg.run.resume else (),
+            folder=folder,
         )
         orch = Orchestrator(
             federation,
@@ -137,6 +138,7 @@ def run_server(
         summary["late_reports"] = [asdict(r) for r in record.late]
         summary["short_rounds"] = short_rounds
         summary["device_errors"] = dict(federation.errors)
+        summary["audit_anchors"] = federation.anchors.to_dict()
         if clusters is not None:
             summary["clusters"] = summarize_history(record.history)
         budgets = federation.budgets()

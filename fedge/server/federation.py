@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -32,6 +33,7 @@ from fedge.core.ports import (
 )
 from fedge.core.state import state_path
 from fedge.engines.quorum import missing_by_round
+from fedge.privacy.audit import ANCHORS_FILE, AuditAnchors
 from fedge.server.strategy import DeviceGrid, make_strategy
 from strategies.private_campaign import PrivateCampaigns, equal_weights
 from strategies.secagg import SecAggError
@@ -71,6 +73,10 @@ class FlowerFederation:
     history : iterable of dict, default ()
         Registered versions with their tags: DP campaigns of each lineage are
         charged again from them when no ledger file exists.
+    folder : Path, optional
+        The run folder: the devices' audit-log anchors (entry count and chain
+        head of every report) are kept there, so ``fedge audit`` can check each
+        device's log against what the server saw.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class FlowerFederation:
         *,
         families: bool = False,
         history: Iterable[Mapping[str, Any]] = (),
+        folder: Path | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
@@ -97,6 +104,10 @@ class FlowerFederation:
         self._joined = False
         #: Devices whose last reply was an error: device or node -> "Type: first line".
         self.errors: dict[str, str] = {}
+        self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
+        self.anchors = (
+            AuditAnchors.load(self.anchors_path) if self.anchors_path is not None else AuditAnchors()
+        )
 
     # -- privacy per lineage -------------------------------------------------------------------
     def privacy_for(self, lineage: str) -> PrivateCampaigns:
@@ -204,6 +215,7 @@ class FlowerFederation:
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
                 continue
+            self.anchors.record_all([report, *late])
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
             self.errors.pop(f"device {report.device}", None)
@@ -218,6 +230,8 @@ class FlowerFederation:
             self.late += [
                 r for r in late if r.tick not in before and self._first_delivery(report.device, r, tick)
             ]
+        if self.anchors_path is not None:
+            self.anchors.save(self.anchors_path)
         silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
         if silent:
             log.warning(
