@@ -16,10 +16,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from inprocess_helpers import run_captured
+from inprocess_helpers import fed_device, run_captured
 from typer.testing import CliRunner
 
-from clients.device import Device
 from fedge.cli import app as cli
 from fedge.contracts.config import load_config
 from fedge.contracts.protocol import LATE_REPORTS, REPORT, DriftReport
@@ -293,7 +292,7 @@ def test_a_device_report_carries_its_log_head_and_a_full_run_holds_up(tmp_path: 
 
 def test_a_device_anchors_its_report_to_its_own_log(tmp_path: Path) -> None:
     cfg = load_config(None, ["scenario.clients=1", "scenario.ticks=3", "scenario.schedule.at=2"])
-    device = Device(cfg, 0, tmp_path / "device-0.sqlite")
+    device = fed_device(cfg, 0, tmp_path / "device-0.sqlite")
     log = AuditLog(tmp_path / "device-0.audit.jsonl", fsync=False)
     assert device.monitor_tick(0).audit_entries == 0, "nothing logged yet: nothing to anchor"
     for i in range(3):
