@@ -685,21 +685,20 @@ class DeviceStore:
     def _open_records(self, rows: list[tuple[int, int, bytes]], width: int) -> bytes:
         """The plaintexts of sealed sample ``rows`` (id, tick, record), joined."""
         size = 4 * width + _LABEL.size
-        opened = []
-        open_record = self._cipher.open
-        for record_id, tick, sealed in rows:
-            try:
-                plain = open_record(bytes(sealed), _sample_ad(record_id, tick))
-            except RecordAuthenticationError:
-                raise _UnusableStoreError(
-                    f"sample record {record_id} failed authentication (changed, moved or "
-                    f"sealed under another key)"
-                ) from None
+        try:
+            opened = self._cipher.open_many(
+                [row[2] for row in rows], [_sample_ad(row[0], row[1]) for row in rows]
+            )
+        except RecordAuthenticationError as exc:
+            raise _UnusableStoreError(
+                f"sample record {rows[exc.index][0]} failed authentication (changed, moved "
+                "or sealed under another key)"
+            ) from None
+        for (record_id, _, _), plain in zip(rows, opened, strict=True):
             if len(plain) != size:
                 raise _UnusableStoreError(
                     f"sample record {record_id} holds {len(plain)} bytes, expected {size}"
                 )
-            opened.append(plain)
         return b"".join(opened)
 
     def _move_aside(self, reason: str) -> None:
