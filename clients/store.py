@@ -5,9 +5,18 @@ state blobs (e.g. the drift monitor), the deployed model and the outbox of drift
 reports the server has not acknowledged yet (store and forward). Samples never leave;
 the file lives next to the data.
 
+Samples are encrypted at rest: every row (features and label) is its own AES-256-GCM
+record under the device's key (:mod:`clients.crypto`), bound to its row id and tick,
+so the file holds no sample value in the clear and a changed, swapped or moved record
+is detected. The store, its SQLite sidecars, the key file and the folders created for
+them are readable by their owner only (``0600`` files, ``0700`` folders).
+
 Every write is one SQLite transaction in WAL mode, so a crash or power cut leaves
 either the old or the new state, never a mix. A file that is not a readable store is
-moved aside and replaced by a fresh one rather than stopping the device.
+moved aside and replaced by a fresh one rather than stopping the device; so is a store
+whose sample records fail authentication (the file moved aside stays, readable with the
+same key). A key file that holds another valid key is refused instead: the store is
+left untouched until the right key is given.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 import zipfile
@@ -28,17 +38,34 @@ from typing import Self
 
 import numpy as np
 
+from clients.crypto import (
+    RECORDS_PER_KEY,
+    RecordAuthenticationError,
+    RecordCipher,
+    WrongKeyError,
+    default_key_path,
+    load_or_create_key,
+    private_dirs,
+    private_file,
+    tighten,
+)
+
 logger = logging.getLogger("fedge.device")
 
 _FORMAT = "fedge.device_store"
-_FORMAT_VERSION = "1"
+# Version 2 seals every sample row; a version-1 store (plaintext rows) is sealed in
+# place when it is opened, then vacuumed so no plaintext page stays in the file.
+_FORMAT_VERSION = "2"
+_READABLE_VERSIONS = ("1", _FORMAT_VERSION)
 _SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     (
+        # record: AES-GCM of the row's float32 features and int64 label; id and tick
+        # stay in the clear (trimming needs them) and are bound to the record.
         "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY,"
-        " tick INTEGER NOT NULL, label INTEGER NOT NULL, x BLOB NOT NULL)"
+        " tick INTEGER NOT NULL, record BLOB NOT NULL)"
     ),
     "CREATE INDEX IF NOT EXISTS samples_by_tick ON samples (tick)",
     "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
@@ -52,6 +79,12 @@ _SCHEMA = (
 #: Reports kept in the outbox at most; beyond it the oldest are dropped (and counted).
 OUTBOX_CAPACITY = 10_000
 
+# Associated data of a sealed record: what it is and where it belongs.
+_SAMPLE_AD = b"fedge.sample\x00"
+_KEY_CHECK_AD = b"fedge.key-check\x00"
+_ID_TICK = struct.Struct("<qq")
+_LABEL = struct.Struct("<q")
+
 
 class _UnusableStoreError(Exception):
     """The file at the store's path is not a store this code can use."""
@@ -63,10 +96,11 @@ class DeviceStore:
     Parameters
     ----------
     path
-        SQLite file of this node. Missing parent folders are created. If the file exists
-        but is corrupt, not SQLite, or another application's database, it is moved to
-        ``<path>.corrupt-<timestamp>`` (with a warning on the ``fedge.device`` logger) and
-        a fresh store is started.
+        SQLite file of this node (mode ``0600``). Missing parent folders are created
+        with mode ``0700``. If the file exists but is corrupt, not SQLite, another
+        application's database, or holds a sample record that fails authentication, it
+        is moved to ``<path>.corrupt-<timestamp>`` (with a warning on the
+        ``fedge.device`` logger) and a fresh store is started.
     capacity, default=1000
         Number of most recent samples kept; older ones are dropped on :meth:`append`.
     n_features, default=None
@@ -74,12 +108,23 @@ class DeviceStore:
         first :meth:`append`.
     outbox_capacity, default=10000
         Unacknowledged reports kept; the oldest beyond it are dropped with a warning.
+    key_file, default=None
+        File holding the device's 256-bit key (64 hexadecimal digits, mode ``0600``),
+        created on first use. ``None`` takes ``$FEDGE_DEVICE_KEY_FILE`` if set, else
+        the store's path with the suffix ``.key`` (``device-3.key``). If the key file
+        was missing although the store holds sealed records, the key is lost: the store
+        is moved aside and a fresh one is started under a new key.
 
     Raises
     ------
     ValueError
         If ``capacity`` or ``n_features`` is not positive, or ``n_features`` differs from
         the width the existing store holds.
+    clients.crypto.KeyFileError
+        If the key file is readable or writable by group or others, or malformed.
+    clients.crypto.WrongKeyError
+        If the key file holds a valid key other than the one the store was sealed with
+        (the store is left as it is).
 
     Examples
     --------
@@ -100,6 +145,7 @@ class DeviceStore:
         capacity: int = 1000,
         n_features: int | None = None,
         outbox_capacity: int = OUTBOX_CAPACITY,
+        key_file: str | Path | None = None,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
             raise TypeError(f"store.capacity must be an int, got {capacity!r}")
@@ -119,11 +165,14 @@ class DeviceStore:
         self._path = Path(path)
         self._capacity = int(capacity)
         self._lock = threading.RLock()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = None
+        private_dirs(self._path.parent)
         if self._path.is_dir():
             raise IsADirectoryError(f"store: {self._path} is a folder, expected a SQLite file")
+        self._key_path = Path(key_file) if key_file is not None else default_key_path(self._path)
+        key, self._key_created = load_or_create_key(self._key_path)
+        self._cipher = RecordCipher(key)
 
-        self._conn: sqlite3.Connection | None = None
         try:
             self._conn = self._open()
         except _UnusableStoreError as exc:
@@ -147,6 +196,11 @@ class DeviceStore:
     def path(self) -> Path:
         """Location of the SQLite file."""
         return self._path
+
+    @property
+    def key_path(self) -> Path:
+        """Location of the key file the samples are sealed with."""
+        return self._key_path
 
     @property
     def capacity(self) -> int:
@@ -198,20 +252,32 @@ class DeviceStore:
         if rows.shape[0] == 0:
             return
 
-        rows = np.ascontiguousarray(rows[-self._capacity :])
-        labels = labels[-self._capacity :].astype(np.int64)
-        raw = rows.tobytes()
-        size = width * 4
-        records = [
-            (tick, label, raw[i * size : (i + 1) * size]) for i, label in enumerate(labels.tolist())
-        ]
+        plaintexts = _pack_rows(rows[-self._capacity :], labels[-self._capacity :])
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
             )
-            conn.executemany("INSERT INTO samples (tick, label, x) VALUES (?, ?, ?)", records)
+            # Ids are given here, not by SQLite, because each record is sealed to its id;
+            # they only grow, so a deleted record put back later does not fit any row.
+            (top,) = conn.execute("SELECT MAX(id) FROM samples").fetchone()
+            last = max(int(_read_meta(conn, "last_sample_id") or 0), int(top or 0))
+            ids = range(last + 1, last + 1 + len(plaintexts))
+            sealed = self._cipher.seal_many(plaintexts, [_sample_ad(i, tick) for i in ids])
+            conn.executemany(
+                "INSERT INTO samples (id, tick, record) VALUES (?, ?, ?)",
+                zip(ids, [tick] * len(sealed), sealed, strict=True),
+            )
+            _set_meta(conn, "last_sample_id", str(ids[-1]))
             self._trim(conn)
         self._n_features = width
+        if last < RECORDS_PER_KEY <= ids[-1]:
+            logger.warning(
+                "device store %s: %d records sealed under key %s; past this many random "
+                "nonces may repeat: move the store aside and give the device a new key",
+                self._path,
+                ids[-1],
+                self._key_path,
+            )
 
     def window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return the stored samples, oldest first.
@@ -224,20 +290,31 @@ class DeviceStore:
             ``int64`` labels of shape ``(n,)``.
         ticks : numpy.ndarray
             ``int64`` arrival ticks of shape ``(n,)``.
+
+        Raises
+        ------
+        clients.crypto.RecordAuthenticationError
+            If a record was changed on disk since the store was opened (the next open
+            moves the store aside).
         """
         with self._lock:
             rows = (
                 self._connection()
-                .execute("SELECT x, label, tick FROM samples ORDER BY id")
+                .execute("SELECT id, tick, record FROM samples ORDER BY id")
                 .fetchall()
             )
         width = self._n_features or 0
         if not rows:
             empty = np.zeros(0, dtype=np.int64)
             return np.zeros((0, width), dtype=np.float32), empty, empty.copy()
-        blobs, labels, ticks = zip(*rows, strict=True)
-        x = np.frombuffer(bytearray(b"".join(blobs)), dtype=np.float32).reshape(len(rows), -1)
-        return x, np.array(labels, dtype=np.int64), np.array(ticks, dtype=np.int64)
+        try:
+            plain = self._open_records(rows, width)
+        except _UnusableStoreError as exc:
+            raise RecordAuthenticationError(
+                f"store {self._path}: {exc}; it is moved aside when next opened"
+            ) from None
+        x, y = _unpack_rows(plain, width, len(rows))
+        return x, y, np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
 
     def __len__(self) -> int:
         with self._lock:
@@ -500,20 +577,129 @@ class DeviceStore:
 
     def _open(self) -> sqlite3.Connection:
         """Connect and make sure the file is a healthy store, creating the schema if new."""
+        # SQLite creates its -wal and -shm files with the main file's mode, so an
+        # owner-only main file (made before SQLite sees it) keeps them owner-only too.
+        private_file(self._path)
+        for suffix in _SIDECAR_SUFFIXES:
+            tighten(Path(f"{self._path}{suffix}"))
         conn = sqlite3.connect(
             self._path, timeout=5.0, isolation_level=None, check_same_thread=False
         )
         try:
-            _prepare(conn)
+            found = _prepare(conn)
+            migrated = self._unlock(conn, found)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if _is_corruption(exc):
                 raise _UnusableStoreError(f"unreadable database ({exc})") from exc
             raise
-        except _UnusableStoreError:
+        except (_UnusableStoreError, WrongKeyError):
             conn.close()
             raise
+        if migrated:
+            # The plaintext rows are in free pages (and maybe the log) until the file
+            # is rebuilt: rebuild it, and empty the log.
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            logger.info("device store %s: sealed its samples (format 1 -> 2)", self._path)
         return conn
+
+    def _unlock(self, conn: sqlite3.Connection, found: str | None) -> bool:
+        """Create or upgrade the schema, check the key, and open every sealed record.
+
+        Returns whether a format-1 store was sealed (it then wants a VACUUM).
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if found == "1":
+                self._seal_plaintext_rows(conn)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _set_meta(conn, "format", _FORMAT)
+            _set_meta(conn, "format_version", _FORMAT_VERSION)
+            self._check_key(conn)
+            width = _read_meta(conn, "n_features")
+            rows = conn.execute("SELECT id, tick, record FROM samples ORDER BY id").fetchall()
+            if rows and width is None:
+                raise _UnusableStoreError("sample records but no row width")
+            if rows:
+                self._open_records(rows, int(width or 0))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return found == "1"
+
+    def _check_key(self, conn: sqlite3.Connection) -> None:
+        """Tell a wrong key (refused) from a lost one (store moved aside) before any record."""
+        check = _read_meta(conn, "key_check")
+        if check is None:
+            sealed = self._cipher.seal(b"", _KEY_CHECK_AD)
+            _set_meta(conn, "key_check", sealed.hex())
+            return
+        try:
+            self._cipher.open(bytes.fromhex(check), _KEY_CHECK_AD)
+        except (RecordAuthenticationError, ValueError):
+            if self._key_created:
+                raise _UnusableStoreError(
+                    f"sealed with a key that is gone: {self._key_path} was missing, "
+                    "a new key was made"
+                ) from None
+            raise WrongKeyError(
+                f"store {self._path} was sealed with another key than the one in "
+                f"{self._key_path}; give the store's own key file (key_file or "
+                f"$FEDGE_DEVICE_KEY_FILE) or move the store away"
+            ) from None
+
+    def _seal_plaintext_rows(self, conn: sqlite3.Connection) -> None:
+        """Format 1 kept features and label in the clear: seal every row in place."""
+        conn.execute("ALTER TABLE samples RENAME TO samples_plaintext")
+        conn.execute("DROP INDEX IF EXISTS samples_by_tick")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        rows = conn.execute(
+            "SELECT id, tick, label, x FROM samples_plaintext ORDER BY id"
+        ).fetchall()
+        if rows:
+            width = len(rows[0][3]) // 4
+            if any(len(row[3]) != 4 * width for row in rows):
+                raise _UnusableStoreError("format-1 sample rows of different widths")
+            x = np.frombuffer(b"".join(row[3] for row in rows), dtype=np.float32)
+            plaintexts = _pack_rows(
+                x.reshape(len(rows), width), np.array([row[2] for row in rows], dtype=np.int64)
+            )
+            sealed = self._cipher.seal_many(
+                plaintexts, [_sample_ad(row[0], row[1]) for row in rows]
+            )
+            conn.executemany(
+                "INSERT INTO samples (id, tick, record) VALUES (?, ?, ?)",
+                ((row[0], row[1], blob) for row, blob in zip(rows, sealed, strict=True)),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
+            )
+            _set_meta(conn, "last_sample_id", str(rows[-1][0]))
+        conn.execute("DROP TABLE samples_plaintext")
+
+    def _open_records(self, rows: list[tuple[int, int, bytes]], width: int) -> bytes:
+        """The plaintexts of sealed sample ``rows`` (id, tick, record), joined."""
+        size = 4 * width + _LABEL.size
+        try:
+            opened = self._cipher.open_many(
+                [row[2] for row in rows], [_sample_ad(row[0], row[1]) for row in rows]
+            )
+        except RecordAuthenticationError as exc:
+            raise _UnusableStoreError(
+                f"sample record {rows[exc.index][0]} failed authentication (changed, moved "
+                "or sealed under another key)"
+            ) from None
+        for (record_id, _, _), plain in zip(rows, opened, strict=True):
+            if len(plain) != size:
+                raise _UnusableStoreError(
+                    f"sample record {record_id} holds {len(plain)} bytes, expected {size}"
+                )
+        return b"".join(opened)
 
     def _move_aside(self, reason: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -522,10 +708,12 @@ class DeviceStore:
         while target.exists():
             target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{n}")
             n += 1
+        tighten(self._path)
         os.replace(self._path, target)
         for suffix in _SIDECAR_SUFFIXES:
             sidecar = Path(f"{self._path}{suffix}")
             if sidecar.exists():
+                tighten(sidecar)
                 os.replace(sidecar, Path(f"{target}{suffix}"))
         logger.warning(
             "device store %s is not usable (%s); moved it to %s and started a fresh store",
@@ -535,8 +723,11 @@ class DeviceStore:
         )
 
 
-def _prepare(conn: sqlite3.Connection) -> None:
-    """Check the file read-only first, so a file that is not ours is moved aside unmodified."""
+def _prepare(conn: sqlite3.Connection) -> str | None:
+    """Check the file read-only first, so a file that is not ours is moved aside unmodified.
+
+    Returns the format version found (``None`` for a new, empty file).
+    """
     check = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
     if check != ["ok"]:
         raise _UnusableStoreError(f"integrity check failed: {'; '.join(map(str, check[:3]))}")
@@ -549,26 +740,47 @@ def _prepare(conn: sqlite3.Connection) -> None:
         if marker != _FORMAT:
             raise _UnusableStoreError("not a fedge device store")
         row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
-        if row is None or row[0] != _FORMAT_VERSION:
-            found = None if row is None else row[0]
+        found = None if row is None else str(row[0])
+        if found not in _READABLE_VERSIONS:
             raise _UnusableStoreError(f"store format version {found}, expected {_FORMAT_VERSION}")
+    else:
+        found = None
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     # A device writes a few pages per tick for ever: checkpoint often and keep the
     # write-ahead log small on disk (SQLite's defaults let it sit at 4 MiB).
     conn.execute("PRAGMA wal_autocheckpoint=256")
     conn.execute("PRAGMA journal_size_limit=1048576")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        _set_meta(conn, "format", _FORMAT)
-        _set_meta(conn, "format_version", _FORMAT_VERSION)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    return found
+
+
+def _sample_ad(record_id: int, tick: int) -> bytes:
+    """Associated data of a sample record: its kind, row id and tick."""
+    return _SAMPLE_AD + _ID_TICK.pack(record_id, tick)
+
+
+def _pack_rows(rows: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """One plaintext per row: little-endian float32 features, then the int64 label."""
+    n, width = rows.shape
+    packed = np.empty((n, 4 * width + _LABEL.size), dtype=np.uint8)
+    packed[:, : 4 * width] = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8).reshape(n, -1)
+    packed[:, 4 * width :] = np.ascontiguousarray(labels, dtype="<i8").view(np.uint8).reshape(n, -1)
+    raw = packed.tobytes()
+    size = packed.shape[1]
+    return [raw[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _unpack_rows(plain: bytes, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_pack_rows` over the joined plaintexts."""
+    packed = np.frombuffer(plain, dtype=np.uint8).reshape(n, 4 * width + _LABEL.size)
+    x = np.ascontiguousarray(packed[:, : 4 * width]).view("<f4").astype(np.float32)
+    y = np.ascontiguousarray(packed[:, 4 * width :]).view("<i8").reshape(n).astype(np.int64)
+    return x, y
+
+
+def _read_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
