@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.ingest import Batch, Inbox, InboxSchema, inbox_path, read_schema
+from clients.inbox import Batch, Inbox, InboxSchema, inbox_path, read_schema
 from clients.monitor import DriftMonitor
 from clients.store import DeviceStore
 from clients.validation import validate_rows

@@ -34,8 +34,9 @@ from fedge.contracts import model as nets
 from fedge.contracts.config import load_config
 from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.engines.inprocess import InProcessGrid
+from fedge.privacy.secagg_settings import SecAggConfig
 from fedge.scenarios import Scenario, build_scenario
-from strategies.secagg import SecAggConfig, secure_strategy_grid
+from strategies.secagg import secure_strategy_grid
 
 TRAIN_TICKS = (0, 1, 2, 3)
 TEST_TICKS = (4, 5)

@@ -405,13 +405,8 @@ def feddrift_cmd(
     """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
     import time as _time
 
-    from experiments.feddrift import (
-        Benchmark,
-        Settings,
-        check_targets,
-        run_benchmark,
-        write_results,
-    )
+    from experiments.feddrift import Benchmark, Settings, run_benchmark
+    from experiments.feddrift_report import check_targets, write_results
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen: dict[str, str] = {}
@@ -455,7 +450,7 @@ def feddrift_cmd(
     seconds = _time.perf_counter() - started
     out = write_results(rows, results.expanduser().resolve(), seconds, bench, work)
     table = Table(title=f"FedDrift protocol, {seeds} seeds, {seconds:.0f} s", title_justify="left")
-    from experiments.feddrift import TABLE_COLUMNS, table_rows
+    from experiments.feddrift_report import TABLE_COLUMNS, table_rows
 
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -467,7 +462,7 @@ def feddrift_cmd(
     if page is not None:
         import os as _os
 
-        from experiments.feddrift import render_page
+        from experiments.feddrift_report import render_page
 
         target = page.expanduser().resolve()
         link = _os.path.relpath(results.expanduser().resolve(), target.parent)

@@ -92,7 +92,7 @@ def feed_devices(cfg: FedgeConfig, folder: Path) -> None:
 
 def feed_device(cfg: FedgeConfig, device: int, store_path: Path) -> None:
     """Put one device's scenario rows into the inbox beside its store."""
-    from clients.ingest import inbox_path
+    from clients.inbox import inbox_path
     from fedge.scenarios.feed import feed_scenario
 
     feed_scenario(cfg, device, inbox_path(store_path))

@@ -33,8 +33,9 @@ from fedge.core.ports import CampaignRefused
 from fedge.core.state import JsonState
 from fedge.engines.quorum import ReplyQuorum
 from fedge.privacy.accounting import PrivacyBudget, Spend, local_dp_params
+from fedge.privacy.secagg_settings import SecAggRoundReport, secagg_config
 from strategies.dp import wrap_strategy_for_dp
-from strategies.secagg import SecAggGrid, SecAggRoundReport, secagg_config
+from strategies.secagg import SecAggGrid
 
 log = logging.getLogger("fedge.privacy")
 

@@ -11,7 +11,7 @@ from flwr.app import Message
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from clients.device import Device
-from clients.ingest import inbox_path
+from clients.inbox import inbox_path
 from fedge.contracts.config import FedgeConfig, load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_device, feed_devices

@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from clients.device import Device
-from clients.ingest import Inbox, inbox_path
+from clients.inbox import Inbox, inbox_path
 from fedge.contracts.config import ConfigError
 from fedge.deploy import DeployError
 from fedge.deploy.certs import ensure_tls

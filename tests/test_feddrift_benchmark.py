@@ -7,15 +7,8 @@ from typing import Any
 
 import pytest
 
-from experiments.feddrift import (
-    Settings,
-    Task,
-    aggregate,
-    markdown_table,
-    matrix_file,
-    run_task,
-    score_detections,
-)
+from experiments.feddrift import Settings, Task, matrix_file, run_task, score_detections
+from experiments.feddrift_report import aggregate, markdown_table
 from fedge.scenarios import ConceptSchedule
 from fedge.tracking import default_tracking_uri, list_model_versions
 

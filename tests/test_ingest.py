@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from inprocess_helpers import fed_device
 
-from clients.ingest import Inbox, IngestError, inbox_path, main
+from clients.inbox import Inbox, IngestError, inbox_path
+from clients.ingest import main
 from clients.validation import validate_rows
 from fedge.contracts.config import load_config
 from fedge.scenarios import build_scenario

@@ -17,18 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.ingest import (
-    SIDECAR_SUFFIXES,
-    Inbox,
-    InboxSchema,
-    IngestError,
-    ingest,
-    ingest_file,
-    iter_batches,
-    main,
-    read_rows,
-    read_schema,
-)
+from clients.inbox import SIDECAR_SUFFIXES, Inbox, InboxSchema, IngestError, ingest, read_schema
+from clients.ingest import ingest_file, iter_batches, main, read_rows
 from clients.validation import validate_rows
 
 ROOT = Path(__file__).resolve().parents[1]

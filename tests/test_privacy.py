@@ -25,8 +25,9 @@ from fedge.privacy.accounting import (
     gaussian_rdp,
     rdp_to_epsilon,
 )
+from fedge.privacy.secagg_settings import SecAggConfig
 from strategies.dp import wrap_strategy_for_dp
-from strategies.secagg import SecAggConfig, secure_strategy_grid
+from strategies.secagg import secure_strategy_grid
 
 DELTA = 1e-5
 INTEGER_ORDERS = [a for a in DEFAULT_ORDERS if float(a).is_integer()]

@@ -21,7 +21,8 @@ from clients.secagg import (
 from fedge.engines.inprocess import InProcessGrid
 from fedge.engines.view import GridView
 from fedge.privacy import secagg_protocol as sp
-from strategies.secagg import SecAggConfig, SecAggError, SecAggGrid, secure_strategy_grid
+from fedge.privacy.secagg_settings import SecAggConfig, SecAggError
+from strategies.secagg import SecAggGrid, secure_strategy_grid
 
 SHAPES = {"w": (40, 25), "b": (25,)}
 

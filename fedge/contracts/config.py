@@ -386,7 +386,7 @@ def _check_privacy(cfg: FedgeConfig) -> None:
     """Refuse privacy settings that cannot work together, naming the keys."""
     pv, c = cfg.privacy, cfg.campaign
     if pv.secure_aggregation:
-        from strategies.secagg import secagg_config
+        from fedge.privacy.secagg_settings import secagg_config
 
         if c.strategy in ROBUST_STRATEGIES:
             raise ConfigError(

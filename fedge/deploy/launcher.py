@@ -640,7 +640,7 @@ def deploy(
     credentials = request.credentials or cfg.output_dir / "deployment"
     say = on_status or (lambda _msg: None)
     if request.feed_inbox:
-        from clients.ingest import inbox_path
+        from clients.inbox import inbox_path
         from fedge.scenarios.feed import feed_scenario
 
         for device in range(n):

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clients.ingest import Inbox, Receipt, ingest
+from clients.inbox import Inbox, Receipt, ingest
 from fedge.scenarios import build_scenario
 
 if TYPE_CHECKING:

@@ -1,0 +1,734 @@
+"""The ingest inbox: a device's append-only queue of validated rows, one batch per tick.
+
+The inbox is a small SQLite file beside the device's store
+(``device-<id>.inbox.sqlite`` next to ``device-<id>.sqlite``). A device
+application appends one *batch* of labelled rows per tick; the ClientApp takes
+the batches up to the tick it is polled for, so it reads only data that is
+already on the device. Each batch is checked against the device's schema
+(row width, finite numbers, known labels) before anything is written:
+
+* ``on_invalid="raise"`` (the default, for real device applications): a batch
+  with a malformed row is refused whole with an :class:`IngestError` naming the
+  tick, the row and the problem; nothing from it is stored.
+* ``on_invalid="drop"``: bad rows are dropped and counted with the batch, so
+  the device's drift report still shows them (the simulated scenarios use this
+  to play a faulty sensor).
+
+The inbox is append-only: ticks never go backwards, and stored batches are
+never changed. The reader keeps its own cursor (the id of the last batch it
+took) and may :meth:`Inbox.prune` what it has consumed. The inbox records its
+schema when it is created; :meth:`Inbox.open_existing` (or :func:`read_schema`)
+gives it back to a reader that does not know it.
+
+Files and memory
+----------------
+The inbox holds samples, so its file is created ``0600`` (SQLite gives its
+``-wal``/``-shm``/``-journal`` sidecars the mode of the database file) and a
+folder it creates ``0700``, whatever the process umask. One call stores all its
+batches or none; the checked batches of a call wait in memory up to
+:data:`CHUNK_ROWS` rows and beyond that in a private temporary SQLite file
+(unlinked when opened, mode ``0600``), and the inbox's write lock is held only
+while they are copied in, so a reading device is never kept waiting for a long
+parse. :func:`ingest` and the command line create a new inbox only once the input has
+been accepted, so a refused file leaves no inbox behind.
+
+Examples
+--------
+>>> import tempfile
+>>> path = Path(tempfile.mkdtemp()) / "device-0.inbox.sqlite"
+>>> with Inbox(path, n_features=2, n_classes=2) as inbox:
+...     inbox.append(0, [[0.1, 0.2], [0.3, 0.4]], [0, 1]).accepted
+2
+>>> with Inbox(path) as inbox:
+...     inbox.append(1, [[0.1, float("nan")]], [0])
+Traceback (most recent call last):
+...
+clients.inbox.IngestError: ingest: tick 1, row 0: a feature is NaN, infinite or not a number; nothing from this batch was stored
+>>> read_schema(path)
+InboxSchema(n_features=2, n_classes=2)
+
+From the shell, a CSV with a ``label`` column (and optionally ``tick``)::
+
+    python -m clients.ingest runs/devices/device-0.inbox.sqlite samples.csv --tick 7
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+
+from clients.validation import REJECT_REASONS, validate_rows
+
+INBOX_SUFFIX = ".inbox.sqlite"
+SIDECAR_SUFFIXES: tuple[str, ...] = ("-wal", "-shm", "-journal")
+"""Files SQLite may keep beside an inbox; they hold samples too."""
+CHUNK_ROWS = 10_000
+"""Rows read from a file, and kept in memory while a call is checked, at a time."""
+OnInvalid = Literal["raise", "drop"]
+BatchInput = tuple[int, "np.ndarray | Sequence[Any]", "np.ndarray | Sequence[Any]"]
+
+_REASON_TEXT = {
+    "wrong_width": "wrong number of features",
+    "non_finite": "a feature is NaN, infinite or not a number",
+    "unknown_label": "the label is not one of the device's classes",
+}
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS batches ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " tick INTEGER NOT NULL,"
+        " n INTEGER NOT NULL,"
+        " x BLOB NOT NULL,"
+        " y BLOB NOT NULL,"
+        " rejected TEXT NOT NULL,"
+        " source TEXT NOT NULL,"
+        " received REAL NOT NULL)"
+    ),
+)
+_FORMAT = "fedge-ingest-inbox/1"
+_INT64_MAX = 2**63 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+class IngestError(ValueError):
+    """Device data that cannot be ingested; the message names the tick, row and problem."""
+
+
+@dataclass(frozen=True)
+class InboxSchema:
+    """The shape of the rows an inbox holds, fixed when it is created.
+
+    Parameters
+    ----------
+    n_features : int
+        Row width.
+    n_classes : int
+        Number of classes; labels are ``0 .. n_classes - 1``.
+    """
+
+    n_features: int
+    n_classes: int
+
+
+def inbox_path(store_path: Path) -> Path:
+    """The inbox beside a device store: ``device-3.sqlite`` -> ``device-3.inbox.sqlite``."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.stem + INBOX_SUFFIX)
+
+
+def _no_rejects() -> dict[str, int]:
+    return {**{reason: 0 for reason in REJECT_REASONS}, "total": 0}
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What :meth:`Inbox.append` stored.
+
+    Parameters
+    ----------
+    batch_id : int
+        Id of the stored batch (increasing).
+    tick : int
+        Tick of the batch.
+    accepted : int
+        Rows stored.
+    rejected : dict of str to int
+        Rows dropped per reason (only with ``on_invalid="drop"``) and ``"total"``.
+    """
+
+    batch_id: int
+    tick: int
+    accepted: int
+    rejected: dict[str, int] = field(default_factory=_no_rejects)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows a device took from its inbox.
+
+    Parameters
+    ----------
+    last_batch_id : int
+        Id of the newest batch included (the reader's next cursor); 0 if none.
+    x : numpy.ndarray
+        ``float32`` rows, shape ``(n, n_features)``.
+    y : numpy.ndarray
+        ``int64`` labels, shape ``(n,)``.
+    rejected : dict of str to int
+        Rows dropped at ingest, per reason, and ``"total"``.
+    """
+
+    last_batch_id: int
+    x: np.ndarray
+    y: np.ndarray
+    rejected: dict[str, int]
+
+    @property
+    def empty(self) -> bool:
+        """Whether no batch was taken."""
+        return self.last_batch_id == 0
+
+
+# -- checking and staging a call's batches ---------------------------------------------------
+@dataclass(frozen=True)
+class _Checked:
+    tick: int
+    n: int
+    x: bytes
+    y: bytes
+    rejected: str
+
+
+def _check_batch(
+    tick: object,
+    x: np.ndarray | Sequence[Any],
+    y: np.ndarray | Sequence[Any],
+    schema: InboxSchema,
+    on_invalid: OnInvalid,
+) -> _Checked:
+    """Validate one batch; raise on a malformed batch, or on a bad row with ``"raise"``."""
+    if (
+        isinstance(tick, bool)
+        or not isinstance(tick, int | np.integer)
+        or not 0 <= int(tick) <= _INT64_MAX
+    ):
+        raise IngestError(f"ingest: tick must be a non-negative integer (64-bit), got {_short(tick)}")
+    tick = int(tick)
+    try:
+        rows = validate_rows(x, y, schema.n_features, schema.n_classes)
+    except (TypeError, ValueError, OverflowError) as exc:
+        message = str(exc).removeprefix("validate_rows: ")
+        raise IngestError(
+            f"ingest: tick {tick}: {message}; nothing from this batch was stored"
+        ) from None
+    if rows.rejected["total"] and on_invalid == "raise":
+        row, reason = _first_bad_row(x, y, schema)
+        raise IngestError(
+            f"ingest: tick {tick}, row {row}: {_REASON_TEXT[reason]}; "
+            "nothing from this batch was stored"
+        )
+    xs = np.ascontiguousarray(rows.x, dtype=np.float32).reshape(-1, schema.n_features)
+    ys = np.ascontiguousarray(rows.y, dtype=np.int64)
+    return _Checked(tick, len(ys), xs.tobytes(), ys.tobytes(), json.dumps(dict(rows.rejected)))
+
+
+def _first_bad_row(
+    x: np.ndarray | Sequence[Any], y: np.ndarray | Sequence[Any], schema: InboxSchema
+) -> tuple[int, str]:
+    for i, (row, label) in enumerate(zip(x, y, strict=True)):
+        single = validate_rows([row], [label], schema.n_features, schema.n_classes)
+        for reason in REJECT_REASONS:
+            if single.rejected[reason]:
+                return i, reason
+    return -1, "non_finite"
+
+
+class _Staging:
+    """The checked batches of one call, in order: in memory up to ``spill_rows`` rows, then on disk.
+
+    The disk part is SQLite's private temporary database (``connect("")``): it is
+    unlinked as soon as it is opened and gone when closed, so a refused or
+    interrupted call leaves nothing behind, and a file of any length costs only
+    SQLite's page cache in memory.
+    """
+
+    def __init__(self, spill_rows: int = CHUNK_ROWS) -> None:
+        self.spill_rows = spill_rows
+        self._memory: list[_Checked] = []
+        self._rows = 0
+        self._disk: sqlite3.Connection | None = None
+
+    def add(self, batch: _Checked) -> None:
+        if self._disk is not None:
+            self._insert(batch)
+            return
+        self._memory.append(batch)
+        self._rows += batch.n
+        if self._rows > self.spill_rows:
+            self._disk = sqlite3.connect("")
+            # A scratch copy: durability does not matter, the inbox commit does.
+            self._disk.execute("PRAGMA journal_mode=OFF")
+            self._disk.execute("PRAGMA synchronous=OFF")
+            self._disk.execute(
+                "CREATE TABLE staged (seq INTEGER PRIMARY KEY, tick INTEGER, n INTEGER,"
+                " x BLOB, y BLOB, rejected TEXT)"
+            )
+            for held in self._memory:
+                self._insert(held)
+            self._memory.clear()
+
+    def _insert(self, batch: _Checked) -> None:
+        assert self._disk is not None
+        self._disk.execute(
+            "INSERT INTO staged (tick, n, x, y, rejected) VALUES (?, ?, ?, ?, ?)",
+            (batch.tick, batch.n, batch.x, batch.y, batch.rejected),
+        )
+
+    def __iter__(self) -> Iterator[_Checked]:
+        if self._disk is None:
+            yield from self._memory
+            return
+        # The cursor steps one row at a time, so reading back is bounded too.
+        for tick, n, x, y, rejected in self._disk.execute(
+            "SELECT tick, n, x, y, rejected FROM staged ORDER BY seq"
+        ):
+            yield _Checked(int(tick), int(n), x, y, rejected)
+
+    def close(self) -> None:
+        self._memory.clear()
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stage(
+    batches: Iterable[BatchInput], schema: InboxSchema, on_invalid: OnInvalid, floor: int
+) -> _Staging:
+    """Check every batch (ticks not before ``floor`` nor each other) into a staging area."""
+    if on_invalid not in ("raise", "drop"):
+        raise IngestError(f"ingest: on_invalid={on_invalid!r} is not allowed; allowed: raise, drop")
+    staged = _Staging()
+    try:
+        stored_floor = True
+        for item in batches:
+            try:
+                tick, x, y = item
+            except (TypeError, ValueError):
+                raise IngestError(
+                    f"ingest: a batch is a (tick, x, y) triple, got {_short(item)}"
+                ) from None
+            checked = _check_batch(tick, x, y, schema, on_invalid)
+            if checked.tick < floor:
+                before = f"the latest stored tick {floor}" if stored_floor else f"tick {floor}"
+                raise IngestError(
+                    f"ingest: tick {checked.tick} is before {before} "
+                    "(the inbox is append-only); nothing from this call was stored"
+                )
+            floor, stored_floor = checked.tick, False
+            staged.add(checked)
+    except BaseException:
+        staged.close()
+        raise
+    return staged
+
+
+# -- the inbox ---------------------------------------------------------------------------------
+class Inbox:
+    """A device's append-only queue of validated rows, one batch per tick.
+
+    Parameters
+    ----------
+    path : Path
+        SQLite file; created (``0600``, in a ``0700`` folder if the folder is new)
+        with the schema on first use.
+    n_features : int, optional
+        Row width. Needed when the file is new; checked against the file otherwise.
+    n_classes : int, optional
+        Number of classes (labels ``0 .. n_classes - 1``); as ``n_features``.
+
+    Raises
+    ------
+    IngestError
+        The file is not an inbox, or its schema differs from the one given.
+
+    See Also
+    --------
+    Inbox.open_existing : open an inbox whose schema the caller does not know.
+    ingest : append to an inbox that is created only if the input is accepted.
+    """
+
+    def __init__(
+        self, path: Path, *, n_features: int | None = None, n_classes: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._created = False
+        if not self.path.exists():
+            if n_features is None or n_classes is None:
+                raise IngestError(
+                    f"ingest: no inbox at {self.path} (a new inbox needs the row width and classes)"
+                )
+            # Check the schema before anything exists on disk.
+            _positive(n_features, "n_features")
+            _positive(n_classes, "n_classes")
+            self._created = _create_private_file(self.path)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            with self._write() as conn:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                if stored and stored.get("format") != _FORMAT:
+                    raise IngestError(f"ingest: {self.path} is not a fedge ingest inbox")
+                if not stored:
+                    if n_features is None or n_classes is None:
+                        raise IngestError(f"ingest: {self.path} has no schema yet")
+                    stored = {
+                        "format": _FORMAT,
+                        "n_features": str(_positive(n_features, "n_features")),
+                        "n_classes": str(_positive(n_classes, "n_classes")),
+                        "last_tick": "-1",
+                    }
+                    conn.executemany("INSERT INTO meta VALUES (?, ?)", stored.items())
+            self._schema = InboxSchema(int(stored["n_features"]), int(stored["n_classes"]))
+        except sqlite3.DatabaseError as exc:
+            self._discard()
+            raise IngestError(f"ingest: {self.path} is not a usable inbox ({exc})") from exc
+        except BaseException:
+            self._discard()
+            raise
+        for given, have, what in (
+            (n_features, self.n_features, "features"),
+            (n_classes, self.n_classes, "classes"),
+        ):
+            if given is not None and int(given) != have:
+                self.close()
+                raise IngestError(
+                    f"ingest: {self.path} holds rows with {have} {what}, {given} were given"
+                )
+
+    @classmethod
+    def open_existing(cls, path: Path) -> Self:
+        """Open an inbox that exists, taking its schema from the file.
+
+        This is how a device learns its input shape from the data its application
+        put there (``inbox.n_features``, ``inbox.n_classes``).
+
+        Raises
+        ------
+        IngestError
+            There is no file at ``path``, or it is not an inbox.
+        """
+        if not Path(path).exists():
+            raise IngestError(f"ingest: no inbox at {path}")
+        return cls(path)
+
+    @property
+    def schema(self) -> InboxSchema:
+        """Row width and number of classes, as recorded when the inbox was created."""
+        return self._schema
+
+    @property
+    def n_features(self) -> int:
+        """Row width recorded in the inbox."""
+        return self._schema.n_features
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes recorded in the inbox (labels ``0 .. n_classes - 1``)."""
+        return self._schema.n_classes
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(
+        self,
+        tick: int,
+        x: np.ndarray | Sequence[Any],
+        y: np.ndarray | Sequence[Any],
+        *,
+        on_invalid: OnInvalid = "raise",
+        source: str = "",
+    ) -> Receipt:
+        """Store one tick's rows, checked first; nothing is stored if the batch is refused.
+
+        Parameters
+        ----------
+        tick : int
+            The tick the rows belong to; not before the latest stored tick.
+        x : array-like
+            Feature rows, ``(n, n_features)``.
+        y : array-like
+            One integer label per row (booleans are not labels).
+        on_invalid : {"raise", "drop"}, default "raise"
+            Refuse a batch with a bad row, or drop and count the bad rows.
+        source : str, default ""
+            Free text kept with the batch (e.g. the file it came from).
+
+        Returns
+        -------
+        Receipt
+            What was stored.
+
+        Raises
+        ------
+        IngestError
+            The batch is malformed, has a bad row (with ``"raise"``), or goes back in time.
+        """
+        return self.append_many([(tick, x, y)], on_invalid=on_invalid, source=source)[0]
+
+    def append_many(
+        self,
+        batches: Iterable[BatchInput],
+        *,
+        on_invalid: OnInvalid = "raise",
+        source: str = "",
+    ) -> list[Receipt]:
+        """Store several ticks' batches in one transaction: all of them or none.
+
+        Parameters are as for :meth:`append`, one ``(tick, x, y)`` per batch.
+        ``batches`` may be a generator of any length: beyond :data:`CHUNK_ROWS`
+        rows the checked batches wait on disk, not in memory, and the inbox is
+        locked only for the final copy.
+        """
+        with _stage(batches, self.schema, on_invalid, self.last_tick) as staged:
+            return self._commit(staged, source)
+
+    def _commit(self, staged: _Staging, source: str) -> list[Receipt]:
+        receipts: list[Receipt] = []
+        now = time.time()
+        try:
+            with self._write() as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'last_tick'").fetchone()
+                last = int(row[0])
+                for batch in staged:
+                    if batch.tick < last:
+                        # Another writer stored a later tick while this call was checked.
+                        raise IngestError(
+                            f"ingest: tick {batch.tick} is before the latest stored tick {last} "
+                            "(the inbox is append-only); nothing from this call was stored"
+                        )
+                    last = batch.tick
+                    cursor = conn.execute(
+                        "INSERT INTO batches (tick, n, x, y, rejected, source, received)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (batch.tick, batch.n, batch.x, batch.y, batch.rejected, source, now),
+                    )
+                    receipts.append(
+                        Receipt(int(cursor.lastrowid or 0), batch.tick, batch.n, json.loads(batch.rejected))
+                    )
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'last_tick'", (str(last),))
+        except sqlite3.Error as exc:
+            raise IngestError(
+                f"ingest: cannot write to {self.path} ({exc}); nothing from this call was stored"
+            ) from exc
+        return receipts
+
+    # -- reading -----------------------------------------------------------------------------
+    def take(self, after: int = 0, through_tick: int | None = None) -> Batch:
+        """All rows of batches newer than ``after`` up to ``through_tick``, oldest first.
+
+        Parameters
+        ----------
+        after : int, default 0
+            Id of the last batch already taken (the reader's cursor).
+        through_tick : int, optional
+            Leave batches of later ticks for later.
+
+        Returns
+        -------
+        Batch
+            The rows, the drop counts and the new cursor (``last_batch_id``; 0 if
+            nothing was taken).
+        """
+        query = "SELECT id, x, y, rejected FROM batches WHERE id > ?"
+        params: list[int] = [int(after)]
+        if through_tick is not None:
+            query += " AND tick <= ?"
+            params.append(int(through_tick))
+        rows = self._connection().execute(query + " ORDER BY id", params).fetchall()
+        rejected = _no_rejects()
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        last = 0
+        for batch_id, xb, yb, rej in rows:
+            last = int(batch_id)
+            xs.append(np.frombuffer(xb, dtype=np.float32).reshape(-1, self.n_features))
+            ys.append(np.frombuffer(yb, dtype=np.int64))
+            for key, value in json.loads(rej).items():
+                rejected[key] = rejected.get(key, 0) + int(value)
+        x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), dtype=np.float32)
+        y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+        return Batch(last, x, y, rejected)
+
+    def prune(self, through_batch: int) -> int:
+        """Delete batches up to and including ``through_batch`` (already taken); returns how many."""
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM batches WHERE id <= ?", (int(through_batch),))
+        return int(cursor.rowcount)
+
+    @property
+    def last_tick(self) -> int:
+        """The latest tick ever stored (``-1`` for a new inbox); survives pruning."""
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'last_tick'").fetchone()
+        return int(row[0])
+
+    def __len__(self) -> int:
+        (count,) = self._connection().execute("SELECT COUNT(*) FROM batches").fetchone()
+        return int(count)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the file; calling it again does nothing."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _discard(self) -> None:
+        """Close, and remove the file if this object created it and it holds no batch."""
+        empty = True
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                (count,) = self._conn.execute("SELECT COUNT(*) FROM batches").fetchone()
+                empty = count == 0
+        self.close()
+        if self._created and empty:
+            for suffix in ("", *SIDECAR_SUFFIXES):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.path}{suffix}")
+            self._created = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Inbox(path={str(self.path)!r}, n_features={self.n_features}, n_classes={self.n_classes})"
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise IngestError(f"ingest: {self.path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def read_schema(path: Path) -> InboxSchema:
+    """The schema an existing inbox was created with.
+
+    Raises
+    ------
+    IngestError
+        There is no inbox at ``path``.
+    """
+    with Inbox.open_existing(path) as inbox:
+        return inbox.schema
+
+
+def ingest(
+    path: Path,
+    batches: Iterable[BatchInput],
+    *,
+    n_features: int | None = None,
+    n_classes: int | None = None,
+    on_invalid: OnInvalid = "raise",
+    source: str = "",
+) -> list[Receipt]:
+    """Append ``batches`` to the inbox at ``path`` (all or none), creating it only if they are accepted.
+
+    Parameters
+    ----------
+    path : Path
+        The inbox file.
+    batches : iterable of (tick, x, y)
+        As for :meth:`Inbox.append_many`; may be a generator of any length.
+    n_features, n_classes : int, optional
+        The schema; needed when there is no inbox yet, checked against it otherwise.
+    on_invalid : {"raise", "drop"}, default "raise"
+        As for :meth:`Inbox.append`.
+    source : str, default ""
+        Kept with each batch.
+
+    Returns
+    -------
+    list of Receipt
+        One per stored batch.
+
+    Raises
+    ------
+    IngestError
+        The input was refused; an inbox that did not exist still does not.
+    """
+    path = Path(path)
+    if path.exists():
+        with Inbox(path, n_features=n_features, n_classes=n_classes) as inbox:
+            return inbox.append_many(batches, on_invalid=on_invalid, source=source)
+    if n_features is None or n_classes is None:
+        raise IngestError(f"ingest: no inbox at {path} (a new inbox needs the row width and classes)")
+    schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"))
+    with _stage(batches, schema, on_invalid, -1) as staged:
+        inbox = Inbox(path, n_features=schema.n_features, n_classes=schema.n_classes)
+        try:
+            receipts = inbox._commit(staged, source)
+        except BaseException:
+            inbox._discard()
+            raise
+        inbox.close()
+        return receipts
+
+
+def _create_private_file(path: Path) -> bool:
+    """Create an empty owner-only file (and owner-only folders); False if it already existed.
+
+    The mode is given to ``open`` itself, so no row is ever written to a file
+    others could read, and SQLite copies it onto the sidecar files it creates.
+    """
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)  # exact, whatever the umask
+    finally:
+        os.close(fd)
+    return True
+
+
+def _positive(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
+        raise IngestError(f"ingest: {what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` on one line and at most ``limit`` characters."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters, for messages about hostile input."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  # any object may come in; the message must still be one line
+        text = f"<{type(value).__name__}>"
+    return _cut(text, limit)
+
+
+# -- files ------------------------------------------------------------------------------------
