@@ -206,6 +206,9 @@ def run(
     plan = plan_run(request, run_dir)
     cfg, folder = plan.cfg, plan.folder
     stored = folder / CONFIG_FILE
+    # The output folder holds the registry and the state even when the run folder
+    # is elsewhere (``--run-dir``); it is created here, after every check passed.
+    cfg.output_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not plan.resumed:
         write_config(cfg, folder)
     # Both apps read the stored file; a resumed run adds only the keys it may change.
