@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_moved_aside_device_store_is_reported_on_the_command_line(tmp_path: Path) -> None:
     import mlflow.pytorch  # noqa: F401  (it sets the root logger to ERROR, as in a real run)
 
-    assert logging.getLogger().level == logging.ERROR or logging.getLogger().handlers
+    assert logging.getLogger().getEffectiveLevel() >= logging.WARNING
     folder = tmp_path / "run"
     (folder / "devices").mkdir(parents=True)
     (folder / "devices" / "device-0.sqlite").write_bytes(b"not a database at all " * 200)
@@ -68,7 +68,7 @@ def test_the_command_turns_flower_and_mlflow_telemetry_off(tmp_path: Path) -> No
     )
     done = subprocess.run(
         [sys.executable, "-c", "import json\n" + code],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     flower, mlflow_off, raw = json.loads(done.stdout.strip().splitlines()[-1])
@@ -80,7 +80,7 @@ def test_the_command_turns_flower_and_mlflow_telemetry_off(tmp_path: Path) -> No
     env["FEDGE_TELEMETRY"] = "1"
     done = subprocess.run(
         [sys.executable, "-c", "import json\n" + code],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])[0] == "1"
