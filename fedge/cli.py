@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,8 +30,81 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]fedge: error:[/] {message}", highlight=False)
+    # soft_wrap: the error stays one line however narrow the terminal is.
+    # escape: a message quoting the user's input ("[scenario") is not markup.
+    err.print(f"[bold red]fedge: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes.
+
+    rich's live progress display and test runners replace ``sys.stderr`` while a
+    command runs; a handler that kept the stream it was made with would write
+    past the display, or into a closed stream.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+
+
+def configure_logging(level: int = logging.WARNING) -> Callable[[], None]:
+    """Give the ``fedge`` logger its own stderr handler and level; return the undo.
+
+    Importing ``mlflow.pytorch`` runs ``logging.basicConfig(level=ERROR)``, which
+    leaves the root logger at ERROR: a warning that propagated to it (a device
+    store moved aside, an unreachable tracking server) would be dropped. fedge's
+    loggers therefore stop at their own handler (``propagate = False``), whatever
+    another library did to the root logger, before or after.
+    """
+    logger = logging.getLogger("fedge")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _StderrHandler):
+            logger.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("fedge: %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+    return undo
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show fedge's informational lines.")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="Lowest level of fedge's log lines on stderr: debug, info, warning, error."),
+    ] = None,
+) -> None:
+    """Configure fedge's logging before any command imports Flower or MLflow."""
+    name = log_level or ("info" if verbose else "warning")
+    if name.lower() not in LOG_LEVELS:
+        _fail(f"--log-level: {name!r} is not allowed; allowed: {', '.join(LOG_LEVELS)}")
+    # Undone when the command ends: the CLI may run inside another program (tests).
+    ctx.call_on_close(configure_logging(LOG_LEVELS[name.lower()]))
 
 
 def _fmt(value: float | None) -> str:
@@ -68,11 +143,14 @@ def run_cmd(
         ),
     ] = None,
 ) -> None:
-    """Run a drift scenario end to end and print what happened."""
+    """Run a drift scenario end to end and print what happened.
+
+    Given ``--run-dir`` of a run that stopped, the run resumes with the
+    configuration stored in its ``config.toml``; an override that contradicts
+    it is refused.
+    """
     from fedge.contracts.config import ConfigError
-    from fedge.engines import EngineError
-    from fedge.runner import RunRequest, run
-    from fedge.tracking import TrackingError
+    from fedge.runner import RunRequest, plan_run
 
     overrides = list(set_ or [])
     if output_dir is not None:
@@ -82,8 +160,10 @@ def run_cmd(
     if fresh:
         overrides.append("run.resume=false")
     request = RunRequest(scenario, tuple(overrides), engine)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     folder = run_dir.expanduser().resolve() if run_dir is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        _fail(f"--run-dir {folder}: is a file, not a folder")
+        return
     if folder is not None and (folder / "summary.json").exists():
         _fail(f"--run-dir {folder}: holds a finished run (summary.json); give a new folder")
         return
@@ -91,7 +171,16 @@ def run_cmd(
         _fail(f"--run-dir {folder}: --fresh needs a new folder; the devices there remember their ticks")
         return
     try:
-        cfg = request.config()
+        # Everything is checked before the engine, Flower or MLflow are loaded.
+        cfg = plan_run(request, folder).cfg
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    from fedge.engines import EngineError
+    from fedge.runner import run
+    from fedge.tracking import TrackingError
+
+    try:
         if engine == "inprocess" and not quiet:
             summary = _run_with_progress(request, cfg, folder)
         else:

@@ -1,23 +1,52 @@
 """Run a scenario on an engine and hand back its summary.
 
 This is what the ``fedge run`` command calls; tests call it too.
+
+Every run folder holds ``config.toml``, the run's whole resolved configuration,
+written (owner-only) when the run starts. The ServerApp and the ClientApps read
+their configuration from that file, and a stopped run given again with
+``--run-dir`` resumes from it: an override that contradicts it is refused with
+one line naming the key and both values, so a resumed run can never silently
+become another run (a ``scenario.ticks`` lower than the ticks already done used
+to end it at once and mark it finished).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.contracts.config import FedgeConfig, load_config, resolve_path
+import tomli_w
+
+from fedge.contracts.config import (
+    ConfigError,
+    FedgeConfig,
+    apply_overrides,
+    from_dict,
+    inside,
+    load_config,
+    read_toml,
+    resolve_path,
+)
 from fedge.core.orchestrator import TickCallback
 from fedge.core.records import CampaignRecord, TickRecord
 
 ENGINES = ("inprocess", "simulation", "deployment")
+
+#: The run's resolved configuration, inside its run folder.
+CONFIG_FILE = "config.toml"
+
+#: Keys a resumed run may change: how long to wait and how many worker processes
+#: change neither the numbers nor where anything is stored.
+MAY_CHANGE_ON_RESUME = ("run.reply_timeout", "run.workers")
 
 
 @dataclass(frozen=True)
@@ -43,16 +72,122 @@ class RunRequest:
         }
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run, before anything is created.
+
+    Parameters
+    ----------
+    cfg : FedgeConfig
+        The configuration the run uses.
+    folder : Path
+        Its run folder (may not exist yet).
+    resumed : bool
+        True when ``folder`` holds the ``config.toml`` of a run that started before.
+    """
+
+    cfg: FedgeConfig
+    folder: Path
+    resumed: bool
+
+
+def config_data(cfg: FedgeConfig) -> dict[str, Any]:
+    """``cfg`` as nested plain tables, ``run.output_dir`` absolute (what ``config.toml`` holds)."""
+    data = dataclasses.asdict(cfg)
+    data["run"]["output_dir"] = str(cfg.output_dir)
+    return data
+
+
+def _normalised(cfg: FedgeConfig) -> dict[str, Any]:
+    flat = cfg.flat()
+    flat["run.output_dir"] = str(cfg.output_dir)
+    return flat
+
+
+def resumed_config(stored: Path, request: RunRequest) -> FedgeConfig:
+    """The configuration of the run whose ``config.toml`` is ``stored``, as ``request`` asks.
+
+    Without a scenario file the request's overrides apply on top of the stored
+    configuration; with one, the file and overrides must describe the same run.
+
+    Raises
+    ------
+    ConfigError
+        The stored file is unusable, or the request changes a key other than
+        :data:`MAY_CHANGE_ON_RESUME` (the message names the key and both values).
+    """
+    folder = stored.parent
+    try:
+        data = read_toml(stored)
+        before = from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--run-dir {folder}: its {CONFIG_FILE} is unusable: {exc}") from None
+    if request.scenario is None:
+        asked = from_dict(apply_overrides(data, request.overrides))
+    else:
+        asked = load_config(request.scenario, request.overrides)
+    old, new = _normalised(before), _normalised(asked)
+    for key in sorted(set(old) | set(new)):
+        if key in MAY_CHANGE_ON_RESUME or old.get(key) == new.get(key):
+            continue
+        shown_old = repr(old[key]) if key in old else "unset"
+        shown_new = repr(new[key]) if key in new else "unset"
+        raise ConfigError(
+            f"--run-dir {folder}: {key} is {shown_old} in this run, {shown_new} was asked for; "
+            "a resumed run keeps its configuration (give a new run folder to change it)"
+        )
+    return asked
+
+
+def plan_run(request: RunRequest, run_dir: Path | None = None) -> RunPlan:
+    """Validate ``request`` for ``run_dir`` (a new folder when None); nothing is created.
+
+    Raises
+    ------
+    ConfigError
+        The engine, the configuration or a resumed run's override is refused.
+    """
+    if request.engine not in ENGINES:
+        raise ConfigError(f"engine: {request.engine!r} is not allowed; allowed: {', '.join(ENGINES)}")
+    scenario = resolve_path(request.scenario) if request.scenario else None
+    request = RunRequest(scenario, tuple(request.overrides), request.engine)
+    stored = run_dir / CONFIG_FILE if run_dir is not None else None
+    if stored is not None and stored.is_file():
+        return RunPlan(resumed_config(stored, request), run_dir, resumed=True)  # type: ignore[arg-type]
+    cfg = request.config()
+    return RunPlan(cfg, run_dir or new_run_dir(cfg), resumed=False)
+
+
+def write_config(cfg: FedgeConfig, folder: Path) -> Path:
+    """Write ``cfg`` to ``<folder>/config.toml`` (owner-only), replacing it in one step."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / CONFIG_FILE
+    text = (
+        "# The whole configuration of this run, written when it started.\n"
+        "# `fedge run --run-dir <this folder>` resumes the run from it.\n"
+        + tomli_w.dumps(config_data(cfg))
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", dir=folder)  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def new_run_dir(cfg: FedgeConfig) -> Path:
-    """A fresh folder for one run: ``<output>/<scenario>/<timestamp>``."""
-    base = cfg.output_dir / cfg.scenario.name
+    """A fresh folder for one run: ``<output>/<scenario>/<timestamp>``, inside the output folder."""
+    base = inside(cfg.output_dir, cfg.output_dir / cfg.scenario.name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = base / stamp
     n = 1
     while folder.exists():
         n += 1
         folder = base / f"{stamp}-{n}"
-    return folder
+    return inside(base, folder)
 
 
 def run(
@@ -61,26 +196,36 @@ def run(
     on_tick: TickCallback | None = None,
     run_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``request`` and return the summary dict (also in ``<run dir>/summary.json``)."""
-    if request.engine not in ENGINES:
-        from fedge.contracts.config import ConfigError
+    """Run ``request`` and return the summary dict (also in ``<run dir>/summary.json``).
 
-        raise ConfigError(f"engine: {request.engine!r} is not allowed; allowed: {', '.join(ENGINES)}")
-    scenario = resolve_path(request.scenario) if request.scenario else None
-    request = RunRequest(scenario, tuple(request.overrides), request.engine)
-    cfg = request.config()
-    folder = run_dir or new_run_dir(cfg)
+    A ``run_dir`` holding a ``config.toml`` resumes that run with the configuration
+    stored there (see :func:`resumed_config`).
+    """
+    plan = plan_run(request, run_dir)
+    cfg, folder = plan.cfg, plan.folder
+    stored = folder / CONFIG_FILE
+    # The output folder holds the registry and the state even when the run folder
+    # is elsewhere (``--run-dir``); it is created here, after every check passed.
+    cfg.output_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not plan.resumed:
+        write_config(cfg, folder)
+    # Both apps read the stored file; a resumed run adds only the keys it may change.
+    before, now = _normalised(load_config(stored)), _normalised(cfg)
+    changed = tuple(
+        f"{key}={json.dumps(now[key])}" for key in MAY_CHANGE_ON_RESUME if before[key] != now[key]
+    )
+    request = RunRequest(stored, changed, request.engine)
     run_config = request.run_config(cfg, folder, request.engine)
     if request.engine == "deployment":
         from fedge.deploy.launcher import DeployRequest, deploy
 
-        return deploy(DeployRequest(scenario, tuple(request.overrides)), run_dir=folder)
+        return deploy(DeployRequest(stored, changed), run_dir=folder)
     feed_devices(cfg, folder)
     if request.engine == "simulation":
         from fedge.engines.simulation import run_flower_simulation
 
         run_flower_simulation(run_config, num_supernodes=cfg.scenario.clients, log_dir=folder)
-        return json.loads((folder / "summary.json").read_text())
+        return dict(json.loads((folder / "summary.json").read_text()))
     return run_inprocess(cfg, run_config, folder, on_tick=on_tick)
 
 

@@ -20,7 +20,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
         ("trigger.cooldown=\"abc\"", "trigger.cooldown: expected an integer, got 'abc'"),
         ("trigger.policy=\"sometimes\"", "trigger.policy: 'sometimes' is not allowed; allowed: quorum"),
         ("monitor.detector=\"LSTM\"", "monitor.detector: unknown detector 'LSTM'; allowed: ADWIN"),
-        ("campaign.rounds=0", "campaign.rounds: 0 is out of range; must be >= 1"),
+        ("campaign.rounds=0", "campaign.rounds: 0 is out of range; must be between 1 and 1000"),
         ("campaign.participants=\"some\"", "campaign.participants: 'some' is not allowed"),
         ("scenario.bad_row_fraction=2.0", "scenario.bad_row_fraction: 2.0 is out of range"),
         ("scenario.generator=\"mnist\"", "scenario.generator: 'mnist' is not allowed"),

@@ -19,13 +19,57 @@ The file layout mirrors the dataclasses below::
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
     [model]               hidden, layers
     [tracking]            uri, experiment, model_name
-    [run]                 output_dir, resume
+    [run]                 output_dir, resume, reply_timeout, workers
+
+Limits
+------
+Every count has an upper bound, checked by :func:`load_config` before anything
+starts, so a typo such as ``ticks = 1600000000`` is a one-line error rather than
+a run that fills the memory or never ends:
+
+===============================================  ==========================
+key                                              allowed
+===============================================  ==========================
+``scenario.seed``                                0 .. 4294967295 (2**32 - 1)
+``scenario.clients``                             1 .. 10000
+``scenario.ticks``                               1 .. 100000
+``scenario.samples_per_tick``                    1 .. 100000
+clients x ticks                                  at most 10 000 000
+clients x ticks x samples_per_tick (rows fed)    at most 100 000 000
+``monitor.window``                               10 .. 1000000
+``trigger.cooldown``, ``trigger.period``         up to 100000
+``campaign.rounds``, ``campaign.initial_rounds`` 1 .. 1000
+``campaign.local_epochs``                        1 .. 1000
+``campaign.batch_size``                          1 .. 100000
+``campaign.holdout_every``                       2 .. 100000
+``campaign.assumed_malicious``                   0 .. 10000
+``privacy.secagg_shares``, ``secagg_threshold``  up to 10000
+``model.hidden``                                 1 .. 1024
+``model.layers``                                 1 .. 8
+``run.workers``                                  1 .. 64
+integers inside ``scenario.schedule``,           -1000000 .. 1000000
+``scenario.generator_params``, ``monitor.params``  (a ``seed`` key: as ``scenario.seed``)
+a scenario file                                  at most 1 MB of UTF-8 TOML
+a string value                                   at most 4096 characters, no control characters
+===============================================  ==========================
+
+Names that become file or registry names (``scenario.name``, which names the
+run folder ``<output_dir>/<scenario.name>/<timestamp>``, and
+``tracking.model_name``, which names the state file) may hold letters, digits,
+``.``, ``_`` and ``-`` only, start with a letter or digit and have at most 100
+characters: ``../x``, ``/etc`` or a name with a NUL byte cannot write outside
+the output folder. ``tracking.experiment`` is an MLflow experiment name, never a
+path in fedge; it may hold any printable characters (a Databricks workspace
+path such as ``/Users/me/fedge`` is one), at most 256.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +81,105 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 class ConfigError(ValueError):
     """A configuration mistake, explained in one line."""
+
+
+#: Upper bounds of the counts (see the module docstring's table for why each exists).
+MAX_SEED = 2**32 - 1
+MAX_CLIENTS = 10_000
+MAX_TICKS = 100_000
+MAX_SAMPLES_PER_TICK = 100_000
+#: The schedule holds one concept id per device and tick.
+MAX_DEVICE_TICKS = 10_000_000
+#: Every row is written to a device's inbox before the run starts.
+MAX_SCENARIO_ROWS = 100_000_000
+MAX_WINDOW = 1_000_000
+MAX_ROUNDS = 1_000
+MAX_EPOCHS = 1_000
+MAX_BATCH_SIZE = 100_000
+MAX_HIDDEN = 1_024
+#: Integers inside the free-form tables (schedule, generator and detector parameters).
+MAX_TABLE_INT = 1_000_000
+MAX_SCENARIO_BYTES = 1_000_000
+MAX_STRING_LENGTH = 4_096
+MAX_NAME_LENGTH = 100
+MAX_EXPERIMENT_LENGTH = 256
+#: Tables nest a few levels at most (``scenario.schedule``); deeper is a mistake.
+MAX_TABLE_DEPTH = 8
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name(key: str, value: str) -> str:
+    """Refuse a name that could not safely be a single file or folder name.
+
+    Parameters
+    ----------
+    key : str
+        The dotted key, for the message.
+    value : str
+        The name: letters, digits, ``.``, ``_``, ``-``; a letter or digit first;
+        at most :data:`MAX_NAME_LENGTH` characters.
+
+    Returns
+    -------
+    str
+        ``value`` unchanged.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key and the value.
+    """
+    if len(value) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            f"{key}: {value[:40]!r}... is {len(value)} characters; at most {MAX_NAME_LENGTH}"
+        )
+    if not _NAME.fullmatch(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid name; use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` resolved, provided it stays inside ``root`` (symbolic links followed).
+
+    Parameters
+    ----------
+    root : str or Path
+        The folder ``path`` must not leave.
+    path : str or Path
+        A path built from ``root`` and names from the configuration.
+
+    Returns
+    -------
+    Path
+        The resolved ``path``.
+
+    Raises
+    ------
+    ConfigError
+        ``path`` resolves outside ``root`` or is not a valid path.
+
+    Examples
+    --------
+    >>> inside("/srv/out", "/srv/out/sine2/run-1").as_posix()
+    '/srv/out/sine2/run-1'
+    >>> inside("/srv/out", "/srv/out/../etc")
+    Traceback (most recent call last):
+    ...
+    fedge.contracts.config.ConfigError: /srv/out/../etc: leaves its folder /srv/out
+    """
+    try:
+        base = Path(root).expanduser().resolve()
+        target = Path(path).expanduser().resolve()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{str(path)!r}: not a usable path ({_one_line(exc)})") from None
+    if not target.is_relative_to(base):
+        raise ConfigError(f"{path}: leaves its folder {base}")
+    return target
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -55,12 +198,12 @@ def _between(low: float, high: float) -> dict[str, Any]:
 class ScenarioConfig:
     """Where the devices' data comes from and how it drifts."""
 
-    name: str = "sine2-sudden"
+    name: str = field(default="sine2-sudden", metadata={"name": True})
     generator: str = field(default="sine2", metadata=_choice("sine2", "circle2", "sea4", "digits-swap"))
-    seed: int = 0
-    clients: int = field(default=6, metadata=_at_least(1))
-    ticks: int = field(default=16, metadata=_at_least(1))
-    samples_per_tick: int = field(default=100, metadata=_at_least(1))
+    seed: int = field(default=0, metadata=_between(0, MAX_SEED))
+    clients: int = field(default=6, metadata=_between(1, MAX_CLIENTS))
+    ticks: int = field(default=16, metadata=_between(1, MAX_TICKS))
+    samples_per_tick: int = field(default=100, metadata=_between(1, MAX_SAMPLES_PER_TICK))
     bad_row_fraction: float = field(default=0.02, metadata=_between(0.0, 0.5))
     schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "sudden", "at": 8})
     generator_params: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +215,7 @@ class MonitorConfig:
 
     detector: str = "ADWIN"
     params: dict[str, Any] = field(default_factory=dict)
-    window: int = field(default=500, metadata=_at_least(10))
+    window: int = field(default=500, metadata=_between(10, MAX_WINDOW))
     reset_window_on_drift: bool = True
 
 
@@ -84,9 +227,9 @@ class TriggerConfig:
     """
 
     policy: str = field(default="quorum", metadata=_choice("quorum", "periodic", "always", "never"))
-    quorum: float = field(default=0.3, metadata=_at_least(0.0))
-    cooldown: int = field(default=2, metadata=_at_least(0))
-    period: int = field(default=4, metadata=_at_least(1))
+    quorum: float = field(default=0.3, metadata=_between(0.0, MAX_CLIENTS))
+    cooldown: int = field(default=2, metadata=_between(0, MAX_TICKS))
+    period: int = field(default=4, metadata=_between(1, MAX_TICKS))
 
 
 @dataclass(frozen=True)
@@ -119,21 +262,21 @@ class CampaignConfig:
     )
     screen_updates: bool = True
     screen_norm_factor: float = field(default=5.0, metadata=_at_least(1.0))
-    assumed_malicious: int = field(default=0, metadata=_at_least(0))
+    assumed_malicious: int = field(default=0, metadata=_between(0, MAX_CLIENTS))
     trim_beta: float = field(default=0.2, metadata=_between(0.0, 0.49))
-    rounds: int = field(default=4, metadata=_at_least(1))
+    rounds: int = field(default=4, metadata=_between(1, MAX_ROUNDS))
     participants: str = field(default="all", metadata=_choice("all", "drifted"))
-    local_epochs: int = field(default=4, metadata=_at_least(1))
+    local_epochs: int = field(default=4, metadata=_between(1, MAX_EPOCHS))
     lr: float = field(default=0.01, metadata=_between(1e-6, 10.0))
-    batch_size: int = field(default=32, metadata=_at_least(1))
+    batch_size: int = field(default=32, metadata=_between(1, MAX_BATCH_SIZE))
     proximal_mu: float = field(default=0.01, metadata=_at_least(0.0))
     server_lr: float = field(default=0.05, metadata=_between(1e-6, 10.0))
-    holdout_every: int = field(default=5, metadata=_at_least(2))
+    holdout_every: int = field(default=5, metadata=_between(2, MAX_TICKS))
     min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
-    initial_rounds: int = field(default=8, metadata=_at_least(1))
+    initial_rounds: int = field(default=8, metadata=_between(1, MAX_ROUNDS))
     warm_start: bool = False
     compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))
-    min_devices: int = field(default=1, metadata=_at_least(1))
+    min_devices: int = field(default=1, metadata=_between(1, MAX_CLIENTS))
 
 
 @dataclass(frozen=True)
@@ -178,8 +321,8 @@ class PrivacyConfig:
     """
 
     secure_aggregation: bool = False
-    secagg_shares: float = field(default=1.0, metadata=_at_least(0.01))
-    secagg_threshold: float = field(default=0.6, metadata=_at_least(0.01))
+    secagg_shares: float = field(default=1.0, metadata=_between(0.01, MAX_CLIENTS))
+    secagg_threshold: float = field(default=0.6, metadata=_between(0.01, MAX_CLIENTS))
     dp: str = field(default="none", metadata=_choice("none", "central-server", "central-client", "local"))
     noise_multiplier: float = field(default=1.0, metadata=_between(0.01, 1000.0))
     clipping_norm: float = field(default=1.0, metadata=_between(1e-6, 1e6))
@@ -192,7 +335,7 @@ class PrivacyConfig:
 class ModelConfig:
     """The feed-forward classifier trained on the devices."""
 
-    hidden: int = field(default=32, metadata=_at_least(1))
+    hidden: int = field(default=32, metadata=_between(1, MAX_HIDDEN))
     layers: int = field(default=2, metadata=_between(1, 8))
 
 
@@ -205,8 +348,8 @@ class TrackingConfig:
     """
 
     uri: str = ""
-    experiment: str = "fedge"
-    model_name: str = ""
+    experiment: str = field(default="fedge", metadata={"label": True})
+    model_name: str = field(default="", metadata={"name": True, "empty": True})
 
 
 @dataclass(frozen=True)
@@ -277,32 +420,89 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     origin = getattr(tp, "__origin__", tp)
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
+            raise ConfigError(f"{key}: expected a table, got {_short(value)}")
+        _check_table(key, value, 1)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {_short(value)} is out of range") from None
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    elif tp is str and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
+        _check_string(key, value)
+        if meta.get("name") and not (meta.get("empty") and value == ""):
+            check_name(key, value)
+        if meta.get("label"):
+            if not value:
+                raise ConfigError(f"{key}: must not be empty")
+            if len(value) > MAX_EXPERIMENT_LENGTH:
+                raise ConfigError(
+                    f"{key}: {len(value)} characters; at most {MAX_EXPERIMENT_LENGTH}"
+                )
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}")
     low, high = meta.get("min"), meta.get("max")
     if low is not None and value < low:
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ConfigError(f"{key}: {value!r} is out of range; must be {bound}")
+        raise ConfigError(f"{key}: {_short(value)} is out of range; must be {bound}")
     if high is not None and value > high:
-        raise ConfigError(f"{key}: {value!r} is out of range; must be between {low} and {high}")
+        raise ConfigError(
+            f"{key}: {_short(value)} is out of range; must be between {low} and {high}"
+        )
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value, cut so that a huge number or string stays a short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _check_string(key: str, value: str) -> None:
+    if len(value) > MAX_STRING_LENGTH:
+        raise ConfigError(f"{key}: a string of {len(value)} characters; at most {MAX_STRING_LENGTH}")
+    found = _CONTROL.search(value)
+    if found:
+        raise ConfigError(
+            f"{key}: {_short(value)} holds the control character {found.group()!r}; not allowed"
+        )
+
+
+def _check_table(key: str, value: Any, depth: int) -> None:
+    """Bound what the free-form tables hold: they reach detectors, schedules and generators."""
+    if depth > MAX_TABLE_DEPTH:
+        raise ConfigError(f"{key}: nested more than {MAX_TABLE_DEPTH} levels deep")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_string(f"{key}.{k}", str(k))
+            _check_table(f"{key}.{k}", v, depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_table(f"{key}[{i}]", v, depth + 1)
+    elif isinstance(value, str):
+        _check_string(key, value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        is_seed = key.rsplit(".", 1)[-1] == "seed"
+        low, high = (0, MAX_SEED) if is_seed else (-MAX_TABLE_INT, MAX_TABLE_INT)
+        if not low <= value <= high:
+            raise ConfigError(
+                f"{key}: {_short(value)} is out of range; must be between {low} and {high}"
+            )
 
 
 def _section(cls: type, key: str, data: Mapping[str, Any]) -> Any:
@@ -350,14 +550,28 @@ def _check_components(cfg: FedgeConfig) -> None:
     from clients.monitor import make_detector
     from fedge.scenarios import build_scenario
 
+    sc = cfg.scenario
+    # Checked before the scenario is built: its schedule holds clients x ticks ids.
+    if sc.clients * sc.ticks > MAX_DEVICE_TICKS:
+        raise ConfigError(
+            f"scenario.clients x scenario.ticks: {sc.clients} x {sc.ticks} = "
+            f"{sc.clients * sc.ticks} is out of range; at most {MAX_DEVICE_TICKS}"
+        )
+    rows = sc.clients * sc.ticks * sc.samples_per_tick
+    if rows > MAX_SCENARIO_ROWS:
+        raise ConfigError(
+            f"scenario.clients x scenario.ticks x scenario.samples_per_tick: {rows} rows is out "
+            f"of range; at most {MAX_SCENARIO_ROWS}"
+        )
+
     try:
         make_detector(cfg.monitor.detector, cfg.monitor.params)
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ConfigError(_one_line(exc)) from None
     try:
         build_scenario(cfg.scenario)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(_one_line(exc)) from None
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        raise ConfigError(_one_line(exc)[:300]) from None
     if cfg.trigger.quorum >= 1 and cfg.trigger.quorum != int(cfg.trigger.quorum):
         raise ConfigError(
             f"trigger.quorum: {cfg.trigger.quorum!r} is neither a fraction below 1 "
@@ -429,15 +643,19 @@ def _one_line(exc: BaseException) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value``; the value is read as TOML, else as a string."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
+        raise ConfigError(f"override {_short(text)}: expected section.key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
     path = key.split(".")
     if len(path) < 2 or not all(path):
-        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. trigger.policy")
+        raise ConfigError(
+            f"override {_short(text)}: the key must be section.key, e.g. trigger.policy"
+        )
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value is nested too deeply") from None
     return path, value
 
 
@@ -459,23 +677,66 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def resolve_path(path: str | Path) -> Path:
     """Resolve a scenario path: as given, else relative to the project."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    candidate = PROJECT_ROOT / p
-    return candidate if candidate.exists() else p.resolve()
+    try:
+        p = Path(path).expanduser()
+        if p.is_absolute() or p.exists():
+            return p.resolve()
+        candidate = PROJECT_ROOT / p
+        return candidate if candidate.exists() else p.resolve()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"scenario file {str(path)!r}: not a usable path ({_one_line(exc)})") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a scenario file with a one-line error for a missing or malformed file."""
+    """Read a scenario file, with a one-line error for every way it can be unusable.
+
+    A missing file, a folder, something that is not a regular file (a FIFO or a
+    device would block or never end), a file above :data:`MAX_SCENARIO_BYTES`,
+    bytes that are not UTF-8 and malformed TOML are each refused before anything
+    starts.
+    """
     p = resolve_path(path)
+    where = f"scenario file {str(path)!r}"
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        # Opened without following a FIFO's writer: O_NONBLOCK only matters for those.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise ConfigError(f"scenario file {str(path)!r}: not found") from None
+        raise ConfigError(f"{where}: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a folder; give a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{where}: is a folder; give a TOML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{where}: is not a regular file")
+        if info.st_size > MAX_SCENARIO_BYTES:
+            raise ConfigError(
+                f"{where}: {info.st_size} bytes; a scenario file has at most {MAX_SCENARIO_BYTES}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(MAX_SCENARIO_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or _one_line(exc)})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SCENARIO_BYTES:
+        raise ConfigError(f"{where}: a scenario file has at most {MAX_SCENARIO_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "a scenario is a TOML file"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"scenario file {str(path)!r}: invalid TOML ({exc})") from None
+        raise ConfigError(f"{where}: invalid TOML ({_one_line(exc)[:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid TOML (nested too deeply)") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FedgeConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
-from fedge.contracts.config import FedgeConfig, load_config, split_overrides
+from fedge.contracts.config import FedgeConfig, inside, load_config, split_overrides
 
 _CONFIG_CACHE: dict[tuple[str, str, str], FedgeConfig] = {}
 
@@ -45,4 +45,4 @@ def run_dir(cfg: FedgeConfig, context: Context) -> Path:
     given = str(context.run_config.get("run-dir", ""))
     if given:
         return Path(given).expanduser().resolve()
-    return cfg.output_dir / cfg.scenario.name / f"run-{context.run_id}"
+    return inside(cfg.output_dir, cfg.output_dir / cfg.scenario.name / f"run-{context.run_id}")
