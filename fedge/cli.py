@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import fedge  # noqa: F401  (telemetry defaults before Flower or MLflow load)
+from fedge.console import console, fmt, print_summary, privacy_cells, privacy_columns
 from fedge.deploy.command import deploy_cmd
 
 app = typer.Typer(
@@ -25,7 +26,6 @@ app = typer.Typer(
     help="fedge: on-device drift detection starts federated retraining; "
     "MLflow registers every global model.",
 )
-console = Console()
 err = Console(stderr=True)
 
 
@@ -105,10 +105,6 @@ def _main(
         _fail(f"--log-level: {name!r} is not allowed; allowed: {', '.join(LOG_LEVELS)}")
     # Undone when the command ends: the CLI may run inside another program (tests).
     ctx.call_on_close(configure_logging(LOG_LEVELS[name.lower()]))
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command("run")
@@ -194,7 +190,7 @@ def run_cmd(
     except EngineError as exc:
         _fail(str(exc), code=1)
         return
-    _print_summary(summary)
+    print_summary(summary)
 
 
 def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str, Any]:
@@ -216,7 +212,7 @@ def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str,
 
         def on_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
             drift = f"drift {len(rec.drifted)}/{cfg.scenario.clients}" if rec.drifted else "no drift"
-            line = f"tick {rec.tick:>3}  accuracy {_fmt(rec.accuracy)}  {drift}"
+            line = f"tick {rec.tick:>3}  accuracy {fmt(rec.accuracy)}  {drift}"
             if campaign is not None:
                 verdict = "[green]promoted[/]" if campaign.promoted else "[yellow]kept champion[/]"
                 line += (
@@ -227,95 +223,9 @@ def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str,
                 line += f"  -> [red]no campaign[/]: {rec.refused}"
                 shown["refused"] = rec.refused
             progress.console.print(line, highlight=False)
-            progress.update(task, advance=1, status=f"accuracy {_fmt(rec.accuracy)}")
+            progress.update(task, advance=1, status=f"accuracy {fmt(rec.accuracy)}")
 
         return run(request, on_tick=on_tick, run_dir=folder)
-
-
-def _privacy_columns(versions: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The privacy columns of a versions table: none unless some version carries them."""
-    if any("fedge.aggregation" in v["tags"] for v in versions):
-        return ("aggregation", "DP", "epsilon")
-    return ()
-
-
-def _privacy_cells(tags: dict[str, str], columns: tuple[str, ...]) -> list[str]:
-    if not columns:
-        return []
-    return [
-        tags.get("fedge.aggregation", "plaintext"),
-        tags.get("fedge.dp", "none"),
-        tags.get("fedge.epsilon", "-"),
-    ]
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    console.rule(f"[bold]{s['scenario']}[/] on {s['engine']} in {s.get('wall_seconds', '?')} s")
-    if s.get("resumed_from"):
-        console.print(f"Resumed from champion v{s['resumed_from']} in the registry.")
-    rec = Table(title="Accuracy around each drift", title_justify="left")
-    for col in ("drift at tick", "before", "right after", "after retraining", "retrained at tick"):
-        rec.add_column(col, justify="right")
-    for r in s["recoveries"]:
-        rec.add_row(
-            str(r["step"]),
-            _fmt(r["before"]),
-            _fmt(r["right_after"]),
-            _fmt(r["after_retraining"]),
-            "-" if r["retrained_at"] is None else str(r["retrained_at"]),
-        )
-    if s["recoveries"]:
-        console.print(rec)
-    else:
-        console.print("No drift in this scenario.")
-    camp = Table(title=f"{len(s['campaigns'])} retraining campaigns", title_justify="left")
-    for col in ("tick", "why", "devices", "rounds", "candidate", "champion", "result"):
-        camp.add_column(col, no_wrap=True)
-    for c in s["campaigns"]:
-        verdict = "[green]promoted[/]" if c["promoted"] else "[yellow]not promoted[/]"
-        camp.add_row(
-            str(c["tick"]),
-            c["reason"].split(":")[0],
-            str(len(c["devices"])),
-            str(c["rounds"]),
-            f"{c['candidate_acc']:.3f}",
-            "-" if c["parent"] == 0 else f"{c['champion_acc']:.3f}",
-            f"v{c['version']} {verdict}",
-        )
-    console.print(camp)
-    reasons: dict[str, list[int]] = {}
-    for r in s.get("refused", []):
-        reasons.setdefault(r["reason"], []).append(r["tick"])
-    for reason, ticks in reasons.items():
-        from fedge.privacy.report import tick_ranges
-
-        console.print(f"[red]No campaign[/] at ticks {tick_ranges(ticks)}: {reason}", highlight=False)
-    budget = s.get("privacy_budget")
-    if budget:
-        console.print(
-            f"Privacy: epsilon {budget['epsilon_spent']:.3f} of {budget['epsilon_limit']:g} spent "
-            f"(delta {budget['delta']:g}) over {len(budget['campaigns'])} DP campaigns",
-            highlight=False,
-        )
-    private = _privacy_columns(s["versions"])
-    vers = Table(title=f"Model versions of {s['model_name']}", title_justify="left")
-    for col in ("version", "aliases", "parent", "trigger", *private):
-        vers.add_column(col)
-    for v in s["versions"]:
-        tags = v["tags"]
-        row = [
-            f"v{v['version']}",
-            ", ".join(v["aliases"]) or "",
-            tags.get("fedge.parent_version", "?"),
-            tags.get("fedge.trigger_reason", "").split(":")[0],
-        ]
-        vers.add_row(*row, *_privacy_cells(tags, private))
-    console.print(vers)
-    console.print(
-        f"Champion: [bold]v{s['champion']}[/]   rejected rows: {s['rejected_rows']}   "
-        f"run folder: {s['run_dir']}"
-    )
-    console.print(f"Open the MLflow UI:  [bold]{s['ui_command']}[/]", highlight=False)
 
 
 app.command("deploy")(deploy_cmd)
@@ -342,7 +252,7 @@ def versions_cmd(
         console.print(f"No registered models at {uri}.")
         return
     table = Table(title=f"Model versions at {uri}", title_justify="left")
-    private = _privacy_columns(rows)
+    private = privacy_columns(rows)
     for col in ("model", "version", "aliases", "parent", "trigger", "devices", "rounds", "run", *private):
         table.add_column(col)
     for v in rows:
@@ -357,7 +267,7 @@ def versions_cmd(
             tags.get("fedge.campaign_rounds", ""),
             str(v.get("run_id", ""))[:8],
         ]
-        table.add_row(*row, *_privacy_cells(tags, private))
+        table.add_row(*row, *privacy_cells(tags, private))
     console.print(table)
 
 

@@ -31,8 +31,8 @@ from fedge.contracts.config import (
     FedgeConfig,
     apply_overrides,
     from_dict,
-    inside,
     load_config,
+    new_run_dir,
     read_toml,
     resolve_path,
 )
@@ -176,18 +176,6 @@ def write_config(cfg: FedgeConfig, folder: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
-
-
-def new_run_dir(cfg: FedgeConfig) -> Path:
-    """A fresh folder for one run: ``<output>/<scenario>/<timestamp>``, inside the output folder."""
-    base = inside(cfg.output_dir, cfg.output_dir / cfg.scenario.name)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = base / stamp
-    n = 1
-    while folder.exists():
-        n += 1
-        folder = base / f"{stamp}-{n}"
-    return inside(base, folder)
 
 
 def run(

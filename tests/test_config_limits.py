@@ -179,7 +179,7 @@ def test_inside_keeps_paths_in_their_root(tmp_path: Path) -> None:
 
 
 def test_a_run_folder_is_never_made_outside_the_output_folder(tmp_path: Path) -> None:
-    from fedge.runner import new_run_dir
+    from fedge.contracts.config import new_run_dir
 
     cfg = load_config(None, [f"run.output_dir={str(tmp_path)!r}"])
     folder = new_run_dir(cfg)

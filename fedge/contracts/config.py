@@ -70,6 +70,7 @@ import math
 import os
 import re
 import stat
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -748,3 +749,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def split_overrides(text: str) -> list[str]:
     """Split the ``overrides`` run-config string (``;``-separated) into items."""
     return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def new_run_dir(cfg: FedgeConfig) -> Path:
+    """A fresh folder for one run: ``<output>/<scenario>/<timestamp>``, inside the output folder."""
+    base = inside(cfg.output_dir, cfg.output_dir / cfg.scenario.name)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = base / stamp
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = base / f"{stamp}-{n}"
+    return inside(base, folder)

@@ -106,8 +106,8 @@ def deploy_cmd(
 
 def _print(summary: dict[str, Any]) -> None:
     try:
-        from fedge.cli import _print_summary
+        from fedge.console import print_summary
     except ImportError:
         console.print_json(data={k: summary[k] for k in ("scenario", "engine", "champion", "run_dir")})
         return
-    _print_summary(summary)
+    print_summary(summary)

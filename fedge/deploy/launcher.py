@@ -629,8 +629,7 @@ def deploy(
         A process did not start, a node was refused, or the run failed; no
         process is left behind.
     """
-    from fedge.contracts.config import load_config, resolve_path
-    from fedge.runner import new_run_dir
+    from fedge.contracts.config import load_config, new_run_dir, resolve_path
 
     scenario = resolve_path(request.scenario) if request.scenario else None
     overrides = list(request.overrides)
