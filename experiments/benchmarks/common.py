@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 import contextlib
 import logging
 import os
@@ -162,3 +164,15 @@ def flower_strategy_timer() -> Iterator[StrategyTimer]:
         logger.propagate = saved_propagate
         for handler, level in saved:
             handler.setLevel(level)
+
+
+def write_bare_data(cfg: FedgeConfig, folder: Path) -> Path:
+    """Each node's tick-0 rows as ``device-<pid>.npz``, the data the bare ClientApp trains on."""
+    from fedge.scenarios import build_scenario
+
+    scenario = build_scenario(cfg.scenario)
+    folder.mkdir(parents=True, exist_ok=True)
+    for pid in range(cfg.scenario.clients):
+        x, y = scenario.batch(pid, 0)
+        np.savez(folder / f"device-{pid}.npz", x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
+    return folder

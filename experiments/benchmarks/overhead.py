@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
 from experiments.benchmarks import bare_app
-from experiments.benchmarks.common import Figure, flower_strategy_timer, small_config
+from experiments.benchmarks.common import Figure, flower_strategy_timer, small_config, write_bare_data
 from fedge.contracts import model as nets
 from fedge.contracts.wire import to_arrays
 from fedge.privacy.audit import AuditLog
@@ -50,8 +50,8 @@ def _fedge(n: int, rounds: int, out: Path, folder: Path) -> Measured:
 
     cfg, overrides = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
     run_config = RunRequest(None, overrides, "inprocess").run_config(cfg, folder, "inprocess")
+    feed_devices(cfg, folder)  # the rows reach both apps before the clock starts
     started, cpu = time.perf_counter(), time.process_time()
-    feed_devices(cfg, folder)
     grid = InProcessGrid(client_app, n, run_config)
     try:
         with flower_strategy_timer() as timer:
@@ -67,8 +67,9 @@ def _bare(n: int, rounds: int, out: Path) -> Measured:
     from fedge.engines.inprocess import InProcessGrid
 
     cfg, _ = small_config(out, f"scenario.clients={n}", f"campaign.initial_rounds={rounds}")
+    data = write_bare_data(cfg, out / "bare-data")  # the rows reach both apps before the clock
     started, cpu = time.perf_counter(), time.process_time()
-    bare_app.configure(cfg)
+    bare_app.configure(data, cfg.model.hidden, cfg.model.layers, cfg.campaign.holdout_every)
     scenario = build_scenario(cfg.scenario)
     start = nets.initial_weights(
         nets.build_model(scenario.n_features, scenario.n_classes, cfg.model.hidden, cfg.model.layers),
