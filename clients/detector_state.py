@@ -16,6 +16,8 @@ release that changes the layout fails loudly instead of restoring a different wi
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import random
 import struct
 from collections.abc import Callable, Mapping
@@ -295,12 +297,16 @@ def _load_adwin(data: Any, fresh: Any, detector: Detector, where: str) -> Any:
             values = _list(row[key], f"{at}.{key}", slots)
             if len(values) != slots:
                 raise _fail(f"{at}.{key}", f"expected {slots} numbers, got {len(values)}")
-            columns[key] = [float(_real(v, f"{at}.{key}[{j}]")) for j, v in enumerate(values)]
+            if not all(type(v) is float for v in values):  # the common case checked fast
+                values = [float(_real(v, f"{at}.{key}[{j}]")) for j, v in enumerate(values)]
+            columns[key] = values
         bucket_list.append(
             {"max_size": fields["max_buckets"], "current_idx": used, **columns}
         )
-    # River drops a row as soon as its last bucket is deleted, so the oldest row is never
-    # empty; an empty one would make the next cut panic inside Rust.
+    # River deletes from the oldest row and drops it once empty; merging leaves at least
+    # one bucket behind when a row holds two or more, so the oldest row is never empty.
+    # An empty one would make river's next cut panic inside Rust (as it would in river
+    # itself with max_buckets=1): refused here, a fresh detector is the better outcome.
     if len(bucket_list) > 1 and bucket_list[-1]["current_idx"] == 0:
         raise _fail(f"{where}.buckets", "the oldest row of buckets is empty")
     fields["bucket_list"] = bucket_list
@@ -419,6 +425,60 @@ def load_detector(name: str, fresh: Detector, data: object) -> None:
     for attr, kind in spec.items():
         value = _KINDS[kind][1](data[attr], getattr(fresh, attr), fresh, f"state.{attr}")
         setattr(fresh, attr, value)
+    check = _CONSISTENCY.get(name)
+    if check is not None:
+        check(fresh)
+
+
+# -- relations between entries --------------------------------------------------------------
+# Each entry may be fine alone and the whole still be a state river never reaches, one
+# whose next update raises (a square root of a negative number, a missing minimum). These
+# are the relations river's own updates keep.
+
+
+def _check_ddm(detector: Any) -> None:
+    if not 0 <= detector._p._mean <= 1:
+        raise _fail("state._p.mean", "an error rate must be within [0, 1]")
+    minimum = (detector._p_min, detector._s_min, detector._ps_min)
+    if minimum[0] is None or minimum[1] is None:
+        if minimum != (None, None, float("inf")):
+            raise _fail("state._p_min", "_p_min and _s_min are null only before a minimum")
+    elif detector._ps_min != minimum[0] + minimum[1]:
+        raise _fail("state._ps_min", "must be _p_min + _s_min")
+
+
+def _check_eddm(detector: Any) -> None:
+    highest = detector._p2s_prime_max
+    if highest != -1 and not highest > 0:
+        raise _fail("state._p2s_prime_max", "must be -1 (none yet) or > 0")
+    if detector._last_error > detector._n or detector._n_errors > detector._n:
+        raise _fail("state._n", "fewer samples than errors")
+
+
+def _check_hddm_a(detector: Any) -> None:
+    for attr in ("_x_min", "_x_max"):
+        if getattr(detector, attr).n > detector._z.n:
+            raise _fail(f"state.{attr}.n", "a cut point cannot have seen more than the total")
+
+
+def _check_hddm_w(detector: Any) -> None:
+    for attr in ("_total", "_s1_decr", "_s1_incr", "_s2_decr", "_s2_incr"):
+        if not getattr(detector, attr)._ibc >= 0:
+            raise _fail(f"state.{attr}.ibc", "a bound condition is never negative")
+
+
+def _check_kswin(detector: Any) -> None:
+    if not all(math.isfinite(v) for v in detector.window):
+        raise _fail("state.window", "samples must be finite numbers")
+
+
+_CONSISTENCY: dict[str, Callable[[Any], None]] = {
+    "DDM": _check_ddm,
+    "EDDM": _check_eddm,
+    "HDDM_A": _check_hddm_a,
+    "HDDM_W": _check_hddm_w,
+    "KSWIN": _check_kswin,
+}
 
 
 def _expect_attrs_subset(detector: Detector, known: set[str], required: set[str], name: str) -> None:
@@ -484,18 +544,22 @@ class _Reader:
         self._blob, self._at, self._what = blob, 0, what
 
     def read(self, code: str) -> Any:
-        size = struct.calcsize("<" + code)
-        if self._at + size > len(self._blob):
-            raise _LayoutError(self._what)
-        (value,) = struct.unpack_from("<" + code, self._blob, self._at)
-        self._at += size
+        (value,) = self.many(code)
         return value
+
+    def many(self, code: str) -> tuple[Any, ...]:
+        layout = _struct("<" + code)
+        if self._at + layout.size > len(self._blob):
+            raise _LayoutError(self._what)
+        values = layout.unpack_from(self._blob, self._at)
+        self._at += layout.size
+        return values
 
     def floats(self, limit: int) -> list[float]:
         n = self.read("Q")
         if n > limit:
             raise _LayoutError(self._what)
-        return [self.read("d") for _ in range(n)]
+        return list(self.many(f"{n}d"))
 
     def done(self) -> None:
         if self._at != len(self._blob):
@@ -510,12 +574,19 @@ class _LayoutError(MonitorStateError):
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _struct(layout: str) -> struct.Struct:
+    return struct.Struct(layout)
+
+
 def _read_fields(reader: _Reader, fields: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    return {name: reader.read(code) for name, code in fields}
+    codes = "".join(code for _, code in fields)
+    return dict(zip((name for name, _ in fields), reader.many(codes), strict=True))
 
 
 def _write_fields(values: Mapping[str, Any], fields: tuple[tuple[str, str], ...]) -> bytes:
-    return b"".join(struct.pack("<" + code, values[name]) for name, code in fields)
+    codes = "".join(code for _, code in fields)
+    return _struct("<" + codes).pack(*(values[name] for name, _ in fields))
 
 
 def _decode_adwin(blob: bytes) -> dict[str, Any]:

@@ -7,6 +7,7 @@ device reports; the errors themselves stay on the device. Its saved state is JSO
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -167,10 +168,15 @@ def detector_parameters(name: str) -> tuple[str, ...]:
     tuple of str
         Parameter names.
     """
-    cls = _DETECTOR_CLASSES[resolve_detector_name(name)]
+    return _parameters_of(resolve_detector_name(name))
+
+
+@functools.lru_cache(maxsize=len(_DETECTOR_CLASSES))
+def _parameters_of(canonical: str) -> tuple[str, ...]:
+    # Cached: every save and restore asks, and reading a signature costs a millisecond.
     return tuple(
         p.name
-        for p in inspect.signature(cls).parameters.values()
+        for p in inspect.signature(_DETECTOR_CLASSES[canonical]).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
 

@@ -245,6 +245,13 @@ _DROP = object()
         ("PageHinkley", ("params", "mode"), "sideways", "Invalid 'mode'"),
         ("EDDM", ("state", "_error_distances", "S"), -1.0, "S: expected a number >= 0"),
         ("HDDM_W", ("state", "_total", "ewma", "mean"), None, "expected a number, got NoneType"),
+        # Entries fine alone whose combination would make the next update raise.
+        ("DDM", ("state", "_p_min"), None, "null only before a minimum"),
+        ("DDM", ("state", "_p", "mean"), 1.5, "an error rate must be within [0, 1]"),
+        ("EDDM", ("state", "_p2s_prime_max"), 0, "must be -1 (none yet) or > 0"),
+        ("HDDM_A", ("state", "_x_min", "n"), 10**6, "cannot have seen more than the total"),
+        ("HDDM_W", ("state", "_s2_incr", "ibc"), -0.5, "a bound condition is never negative"),
+        ("KSWIN", ("state", "window", 0), float("nan"), "samples must be finite"),
     ],
 )
 def test_forged_state_is_refused_with_a_one_line_reason(
@@ -347,7 +354,11 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]
             yield from _paths(item, (*prefix, i))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("FEDGE_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(st.sampled_from(DETECTOR_NAMES), st.data())
 def test_a_tampered_state_is_refused_or_gives_a_detector_that_keeps_working(
     name: str, data: st.DataObject
