@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clients.inbox import Batch, Inbox, InboxSchema, inbox_path, read_schema
-from clients.monitor import DriftMonitor
+from clients.monitor import DriftMonitor, MonitorStateError
 from clients.store import DeviceStore
 from clients.validation import validate_rows
 from fedge.contracts import model as nets
@@ -97,8 +97,12 @@ class Device:
         self._generation = self.store.get_state(GENERATION_KEY)
         state = self.store.get_state(MONITOR_KEY)
         if state is not None:
-            self.monitor = DriftMonitor.from_bytes(state)
-        else:
+            try:
+                self.monitor = DriftMonitor.from_bytes(state)
+            except MonitorStateError as exc:  # kept aside for inspection, never read again
+                self.store.quarantine_state(MONITOR_KEY, str(exc), expected=state)
+                state = None
+        if state is None:
             self.monitor = DriftMonitor(
                 cfg.monitor.detector, cfg.monitor.params, seed=cfg.scenario.seed + device_id
             )

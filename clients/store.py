@@ -396,6 +396,59 @@ class DeviceStore:
             )
         return None if row is None else bytes(row[0])
 
+    def quarantine_state(self, key: str, reason: str, expected: bytes | None = None) -> Path | None:
+        """Move an unreadable state blob out of the store into a file of its own.
+
+        The blob is written, owner-only, next to the store as
+        ``<path>.<key>.corrupt-<timestamp>`` and removed from the store, with a warning on
+        the ``fedge.device`` logger naming that file, just as an unreadable store file is
+        moved aside. The window, the model and the outbox stay where they are, so a bad
+        detector state costs the detector and nothing else. The file is kept for
+        inspection and never read by the store again.
+
+        Parameters
+        ----------
+        key
+            State name, e.g. ``"monitor"``.
+        reason
+            Why the blob was refused, for the warning.
+        expected, default=None
+            The blob the caller failed to read. Given, the blob is only moved if it is
+            still the stored one, so a state another process wrote meanwhile is kept.
+
+        Returns
+        -------
+        pathlib.Path or None
+            The file the blob was moved to, or ``None`` if there was nothing to move.
+        """
+        with self._transaction() as conn:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            if row is None or (expected is not None and bytes(row[0]) != bytes(expected)):
+                return None
+            blob = bytes(row[0])
+            # Written and synced before the row goes, so a crash in between leaves the
+            # blob in both places rather than in neither.
+            while True:
+                target = self._aside_path(f"{self._path.name}.{_file_safe(key)[:64]}")
+                try:
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    break
+                except FileExistsError:  # another process took that name a moment ago
+                    continue
+            with os.fdopen(fd, "wb") as out:
+                out.write(blob)
+                out.flush()
+                os.fsync(out.fileno())
+            conn.execute("DELETE FROM state WHERE key = ?", (key,))
+        logger.warning(
+            "device store %s: state %r is not usable (%s); moved it to %s and started afresh",
+            self._path,
+            key,
+            reason,
+            target,
+        )
+        return target
+
     def put_model(self, version: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Record the deployed model, replacing the previous one.
 
@@ -701,13 +754,18 @@ class DeviceStore:
                 )
         return b"".join(opened)
 
-    def _move_aside(self, reason: str) -> None:
+    def _aside_path(self, stem: str) -> Path:
+        """A free ``<stem>.corrupt-<timestamp>[-n]`` path next to the store."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+        target = self._path.with_name(f"{stem}.corrupt-{stamp}")
         n = 1
         while target.exists():
-            target = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{n}")
+            target = self._path.with_name(f"{stem}.corrupt-{stamp}-{n}")
             n += 1
+        return target
+
+    def _move_aside(self, reason: str) -> None:
+        target = self._aside_path(self._path.name)
         tighten(self._path)
         os.replace(self._path, target)
         for suffix in _SIDECAR_SUFFIXES:
@@ -796,6 +854,11 @@ def _as_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{what} must be an int, got {value!r}")
     return int(value)
+
+
+def _file_safe(key: str) -> str:
+    """A state name as a file-name part: letters, digits, ``-`` and ``_`` kept, others hex."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"%{ord(c):02x}" for c in key)
 
 
 def _pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -293,3 +293,48 @@ def test_repr_shows_path_and_sizes(tmp_path: Path) -> None:
         assert repr(store) == (
             f"DeviceStore(path={str(tmp_path / 'node.sqlite')!r}, capacity=7, n_features=3)"
         )
+
+
+def test_quarantined_state_moves_to_an_owner_only_file_and_the_rest_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "node.sqlite"
+    with DeviceStore(path) as store:
+        store.append(*batch(3), tick=1)
+        store.put_state("monitor", b"\x80unreadable")
+        store.put_state("counters", b"{}")
+
+        with caplog.at_level(logging.WARNING, logger="fedge.device"):
+            moved = store.quarantine_state("monitor", "not a saved drift monitor")
+
+        assert moved is not None and moved.name.startswith("node.sqlite.monitor.corrupt-")
+        assert moved.read_bytes() == b"\x80unreadable"
+        assert moved.stat().st_mode & 0o777 == 0o600
+        assert store.get_state("monitor") is None
+        assert store.get_state("counters") == b"{}" and len(store) == 3
+        messages = [r.getMessage() for r in caplog.records if r.name == "fedge.device"]
+        assert any(str(moved) in m and "not a saved drift monitor" in m for m in messages)
+        assert store.quarantine_state("monitor", "again") is None, "nothing left to move"
+
+    with DeviceStore(path) as store:  # the move is durable
+        assert store.get_state("monitor") is None and len(store) == 3
+
+
+def test_quarantine_keeps_a_state_rewritten_since_it_was_read(tmp_path: Path) -> None:
+    with DeviceStore(tmp_path / "node.sqlite") as store:
+        store.put_state("monitor", b"bad")
+        store.put_state("monitor", b"good, written by another process meanwhile")
+
+        assert store.quarantine_state("monitor", "unreadable", expected=b"bad") is None
+        assert store.get_state("monitor") == b"good, written by another process meanwhile"
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_two_quarantines_in_one_second_keep_both_blobs(tmp_path: Path) -> None:
+    with DeviceStore(tmp_path / "node.sqlite") as store:
+        for blob in (b"first", b"second"):
+            store.put_state("monitor", blob)
+            store.quarantine_state("monitor", "unreadable")
+
+    moved = sorted(p.read_bytes() for p in tmp_path.glob("node.sqlite.monitor.corrupt-*"))
+    assert moved == [b"first", b"second"]

@@ -9,6 +9,7 @@ import pytest
 from clients.monitor import (
     DETECTOR_NAMES,
     DriftMonitor,
+    MonitorStateError,
     MonitorUpdate,
     make_detector,
     resolve_detector_name,
@@ -116,8 +117,8 @@ def test_restored_monitor_continues_exactly_like_the_original(name: str) -> None
 
 
 def test_from_bytes_rejects_data_that_is_not_a_monitor() -> None:
-    with pytest.raises(ValueError, match="monitor.from_bytes"):
-        DriftMonitor.from_bytes(b"not a pickle")
+    with pytest.raises(MonitorStateError, match="monitor.from_bytes"):
+        DriftMonitor.from_bytes(b"not a saved monitor")
 
 
 def test_kswin_with_the_same_seed_is_reproducible() -> None:
