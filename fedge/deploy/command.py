@@ -47,6 +47,13 @@ def deploy_cmd(
         list[str] | None,
         typer.Option(help="Extra name or address for the SuperLink certificate (repeatable)."),
     ] = None,
+    mlflow_auth: Annotated[
+        bool,
+        typer.Option(
+            "--mlflow-auth/--no-mlflow-auth",
+            help="Start the MLflow server with its basic-auth app (password in <credentials>/mlflow/).",
+        ),
+    ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds the run may take.")] = 3600.0,
     fresh: Annotated[
         bool, typer.Option(help="Ignore the registry's champion and train from scratch.")
@@ -84,6 +91,7 @@ def deploy_cmd(
         credentials=credentials.expanduser().resolve() if credentials else None,
         timeout=timeout,
         cert_hosts=tuple(cert_host or ()),
+        mlflow_auth=mlflow_auth,
     )
 
     def say(message: str) -> None:

@@ -9,8 +9,10 @@ Layout of a deployment (the user owns every file)::
 
     <output dir>/deployment/tls/        ca.crt, ca.key (0600), server.crt, server.key (0600)
     <output dir>/deployment/keys/       device-<i> (0600) and device-<i>.pub, one pair per SuperNode
+    <output dir>/deployment/mlflow/     basic_auth.ini (0600), flask-secret (0600), users.db
     <run dir>/deployment/               state of this run: FLWR_HOMEs, SuperLink database,
-                                        one log per process, the connection file
+                                        one log per process, the connection file, and
+                                        pinned-bin/ (the SuperNodes' app-pinning flwr-clientapp)
     <run dir>/devices/                  each SuperNode's on-device store and ingest inbox
     <run dir>/summary.json              written by the ServerApp
 """
@@ -32,6 +34,7 @@ from typing import Any, Self
 from fedge.deploy import DeployError
 from fedge.deploy.certs import DEFAULT_HOSTS, TlsFiles, ensure_tls
 from fedge.deploy.keys import NodeKey, create_node_key
+from fedge.deploy.mlflow_auth import MlflowAuth, ensure_mlflow_auth
 from fedge.deploy.processes import ManagedProcess, ProcessGroup, free_port
 
 CONNECTION = "fedge"
@@ -41,6 +44,18 @@ PLAIN_CONNECTION = "fedge-plaintext"
 """A second connection to the same address without TLS (refused by a TLS SuperLink)."""
 
 FINISHED_OK = "finished:completed"
+
+SUPERLINK_HOST = "127.0.0.1"
+"""Where the SuperLink listens. In Flower 1.42 one port serves the Fleet API (for
+SuperNodes), the Control API (``flwr run``, ``flwr supernode register``) and the
+Runtime API (for the ServerApp); the Control API has no authentication in
+open-source Flower, so that port must never face a network the operator does
+not trust (``--control-api-address`` only moves a legacy gRPC copy of it)."""
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds a SuperNode keeps retrying a request the SuperLink does not answer
+before it exits (``flower-supernode --max-wait-time``); Flower's default is to
+retry forever, so a node with the wrong TLS setting would hang instead of failing."""
 
 
 def _toml_string(value: str) -> str:
@@ -65,6 +80,15 @@ class SuperNodeHandle:
     process: ManagedProcess
     key: NodeKey | None
     runtime_port: int
+    #: Plain text to a SuperLink that speaks TLS (which refuses it).
+    plain_to_tls: bool = False
+
+    def describe_exit(self) -> str:
+        """One line: why the SuperNode exited, with a hint if it spoke plain text to TLS."""
+        line = self.process.describe_exit()
+        if self.plain_to_tls:
+            line += " (it was started without TLS, and the SuperLink accepts TLS only)"
+        return line
 
     def activated(self) -> bool:
         """Whether the SuperNode's log says the SuperLink gave it a node id."""
@@ -96,6 +120,9 @@ class LocalDeployment:
         default: beside the running Python.
     hosts : sequence of str, default ``("127.0.0.1", "localhost", "::1")``
         Names in the server certificate.
+    pin_app : bool, default True
+        SuperNodes run only the FAB built from ``app_dir`` (see :mod:`clients.app_pin`);
+        any other app submitted to the SuperLink is refused on the device.
 
     Examples
     --------
@@ -117,6 +144,7 @@ class LocalDeployment:
         app_dir: Path | None = None,
         bin_dir: Path | None = None,
         hosts: Sequence[str] = DEFAULT_HOSTS,
+        pin_app: bool = True,
     ) -> None:
         from fedge.contracts.config import PROJECT_ROOT
 
@@ -127,6 +155,8 @@ class LocalDeployment:
         self.app_dir = Path(app_dir or PROJECT_ROOT).expanduser().resolve()
         self.bin_dir = Path(bin_dir or Path(sys.executable).parent)
         self.hosts = tuple(hosts)
+        self.pin_app = pin_app
+        self._app_pins: tuple[str, ...] | None = None
         if not (self.app_dir / "pyproject.toml").is_file():
             raise DeployError(f"no Flower app at {self.app_dir} (pyproject.toml is missing)")
         for exe in ("flower-superlink", "flower-supernode", "flwr"):
@@ -141,6 +171,8 @@ class LocalDeployment:
         self.supernodes: list[SuperNodeHandle] = []
         self.mlflow_url = ""
         self.mlflow: ManagedProcess | None = None
+        #: Basic-auth credentials of the MLflow server, if it was started with them.
+        self.mlflow_auth: MlflowAuth | None = None
         #: Where runs on this deployment are tracked (set by :func:`start_deployment`).
         self.tracking_uri = ""
         #: Node id the SuperLink gave each registered device (partition id -> node id).
@@ -182,7 +214,7 @@ class LocalDeployment:
     @property
     def address(self) -> str:
         """The SuperLink's address as ``host:port``."""
-        return f"127.0.0.1:{self.port}"
+        return f"{SUPERLINK_HOST}:{self.port}"
 
     # -- SuperLink ---------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60.0) -> str:
@@ -192,7 +224,7 @@ class LocalDeployment:
         home.mkdir(exist_ok=True)
         argv = [
             str(self.bin_dir / "flower-superlink"),
-            "--host", "127.0.0.1",
+            "--host", SUPERLINK_HOST,
             "--port", str(self.port),
             "--database", str(home / "state.db"),
             "--disable-runtime-dependency-installation",
@@ -207,9 +239,12 @@ class LocalDeployment:
             ]
             if self.node_auth:
                 argv.append("--enable-supernode-auth")
-        self.superlink = self.group.start(
-            "superlink", argv, cwd=home, extra_env={"FLWR_HOME": str(home)}
-        )
+        env = {"FLWR_HOME": str(home)}
+        if self.mlflow_auth is not None:
+            # The ServerApp runs below the SuperLink and inherits its environment;
+            # the run config would keep the password in the SuperLink's database.
+            env.update(self.mlflow_auth.client_env())
+        self.superlink = self.group.start("superlink", argv, cwd=home, extra_env=env)
         self._write_connections()
         scheme = "http" if self.tls is None else "https"
         context = None if self.tls is None else ssl.create_default_context(cafile=str(self.tls.ca_cert))
@@ -287,9 +322,11 @@ class LocalDeployment:
         key: NodeKey | None,
         *,
         insecure: bool | None = None,
-        max_wait_time: float | None = None,
+        max_wait_time: float = CONNECT_TIMEOUT,
+        max_retries: int | None = None,
         name: str | None = None,
         log_name: str | None = None,
+        pins: Sequence[str] | None = None,
     ) -> SuperNodeHandle:
         """Start one SuperNode with its node config and its own Runtime API port.
 
@@ -302,13 +339,20 @@ class LocalDeployment:
             Authentication key; ``None`` starts the node without one.
         insecure : bool, optional
             Plain text to the SuperLink; default: as the deployment.
-        max_wait_time : float, optional
-            Give up connecting after this many seconds (default: retry forever).
+        max_wait_time : float, default :data:`CONNECT_TIMEOUT`
+            Exit when a request to the SuperLink has failed for this many seconds.
+        max_retries : int, optional
+            Also exit after this many failed retries of one request.
         name : str, optional
             Name of its folder (``FLWR_HOME``) and log file; default ``supernode-<partition id>``.
         log_name : str, optional
             Another name for the log file (a restarted node keeps its folder).
+        pins : sequence of str, optional
+            SHA-256 of the FABs this node may run; default: the deployment's
+            app (:meth:`app_pins`), or any app if the deployment does not pin.
         """
+        if max_wait_time <= 0:
+            raise DeployError(f"max_wait_time must be positive, got {max_wait_time}")
         plain = self.tls is None if insecure is None else insecure
         label = name or f"supernode-{partition_id}"
         home = self.folder / label
@@ -328,12 +372,44 @@ class LocalDeployment:
             argv += ["--root-certificates", str(self.tls.ca_cert)]
         if key is not None:
             argv += ["--auth-supernode-private-key", str(key.private)]
-        if max_wait_time is not None:
-            argv += ["--max-wait-time", str(max_wait_time), "--max-retries", "3"]
-        proc = self.group.start(log_name or label, argv, cwd=home, extra_env={"FLWR_HOME": str(home)})
-        handle = SuperNodeHandle(partition_id, proc, key, runtime_port)
+        argv += ["--max-wait-time", str(max_wait_time)]
+        if max_retries is not None:
+            argv += ["--max-retries", str(int(max_retries))]
+        env = {"FLWR_HOME": str(home)}
+        allowed = self.app_pins() if pins is None else tuple(pins)
+        if self.pin_app or pins is not None:
+            from clients.app_pin import PIN_ENV, parse_pins, write_shim
+
+            parse_pins(",".join(allowed))  # a malformed pin is the caller's error, here
+            shim_dir = self.folder / "pinned-bin"
+            write_shim(shim_dir)
+            # The SuperNode's executor starts `flwr-clientapp` from PATH for every
+            # message: the pinning one comes first.
+            env["PATH"] = f"{shim_dir}{os.pathsep}{self.group.env.get('PATH', '')}"
+            env[PIN_ENV] = ",".join(allowed)
+        proc = self.group.start(log_name or label, argv, cwd=home, extra_env=env)
+        handle = SuperNodeHandle(
+            partition_id, proc, key, runtime_port, plain_to_tls=plain and self.tls is not None
+        )
         self.supernodes.append(handle)
         return handle
+
+    def app_pins(self) -> tuple[str, ...]:
+        """SHA-256 of the FAB ``flwr run`` builds from :attr:`app_dir` (empty if not pinning).
+
+        Computed once, when the first SuperNode starts: an app changed after that
+        is a different app, and the devices refuse it.
+        """
+        if not self.pin_app:
+            return ()
+        if self._app_pins is None:
+            from clients.app_pin import fab_sha256
+
+            try:
+                self._app_pins = (fab_sha256(self.app_dir),)
+            except (OSError, ValueError) as exc:
+                raise DeployError(f"cannot build the app at {self.app_dir}: {exc}") from None
+        return self._app_pins
 
     def supernode(self, partition_id: int) -> SuperNodeHandle:
         """The running SuperNode of device ``partition_id``."""
@@ -415,7 +491,7 @@ class LocalDeployment:
         while True:
             for node in watched:
                 if not node.process.running():
-                    raise DeployError(node.process.describe_exit())
+                    raise DeployError(node.describe_exit())
             # A SuperNode logs its id once the SuperLink accepted it; reading the
             # logs is cheap, so the SuperLink is asked only when they say so.
             if sum(node.activated() for node in watched) >= count and self.online_nodes() >= count:
@@ -429,12 +505,21 @@ class LocalDeployment:
 
     # -- MLflow ------------------------------------------------------------------------------
     def start_mlflow(
-        self, backend_uri: str, artifacts: Path, *, wait: bool = True, timeout: float = 90.0
+        self,
+        backend_uri: str,
+        artifacts: Path,
+        *,
+        wait: bool = True,
+        timeout: float = 180.0,
+        auth: MlflowAuth | None = None,
     ) -> str:
         """Start an MLflow tracking server on loopback; returns its URL.
 
         With ``wait=False`` it returns at once; :meth:`wait_mlflow` waits for it
-        later, so the server can start while the Flower processes do.
+        later, so the server can start while the Flower processes do. With
+        ``auth`` it runs MLflow's basic-auth app: every request needs the user
+        name and password, which the SuperLink (and so the ServerApp) started
+        after it gets in its environment.
         """
         exe = self.bin_dir / "mlflow"
         if not os.access(exe, os.X_OK):
@@ -450,29 +535,36 @@ class LocalDeployment:
                 "--backend-store-uri", backend_uri,
                 "--artifacts-destination", str(artifacts),
                 "--workers", "1",
+                *(["--app-name", "basic-auth"] if auth is not None else []),
             ],
             cwd=self.folder,
+            extra_env=auth.server_env() if auth is not None else None,
         )
+        self.mlflow_auth = auth
         self.mlflow_url = f"http://127.0.0.1:{port}"
         if wait:
             self.wait_mlflow(timeout)
         return self.mlflow_url
 
-    def wait_mlflow(self, timeout: float = 90.0) -> None:
+    def wait_mlflow(self, timeout: float = 180.0) -> None:
         """Wait until the MLflow server started by :meth:`start_mlflow` answers."""
         if self.mlflow is None:
             raise DeployError("no MLflow server was started")
         self._wait_http(f"{self.mlflow_url}/health", self.mlflow, timeout)
 
     # -- the run -----------------------------------------------------------------------------
-    def submit(self, run_config: Mapping[str, object]) -> int:
-        """Start the app with ``flwr run <app> <connection>``; returns the run id."""
+    def submit(self, run_config: Mapping[str, object], app: Path | None = None) -> int:
+        """Start the app with ``flwr run <app> <connection>``; returns the run id.
+
+        ``app`` is another Flower app than :attr:`app_dir` (pinned SuperNodes refuse it).
+        """
         path = self.folder / "run-config.toml"
         path.write_text(
             "".join(f"{_toml_string(str(k))} = {_toml_value(v)}\n" for k, v in run_config.items()),
             encoding="utf-8",
         )
-        reply = self.flwr("run", str(self.app_dir), "--run-config", str(path), timeout=120.0)
+        target = self.app_dir if app is None else Path(app).expanduser().resolve()
+        reply = self.flwr("run", str(target), "--run-config", str(path), timeout=120.0)
         run_id = int(reply["run-id"])
         (self.folder / "run-id").write_text(f"{run_id}\n", encoding="utf-8")
         return run_id
@@ -558,6 +650,9 @@ class DeployRequest:
     cert_hosts : tuple of str
         Extra DNS names or addresses for the SuperLink's certificate (beside
         ``127.0.0.1``, ``localhost`` and ``::1``).
+    mlflow_auth : bool, default True
+        Start the MLflow server with its basic-auth app (credentials in
+        ``<credentials>/mlflow/``); no effect with a ``tracking.uri`` of one's own.
     """
 
     scenario: Path | None
@@ -567,6 +662,7 @@ class DeployRequest:
     timeout: float = 3600.0
     feed_inbox: bool = True
     cert_hosts: tuple[str, ...] = ()
+    mlflow_auth: bool = True
 
 
 def start_deployment(
@@ -579,21 +675,31 @@ def start_deployment(
     hosts: Sequence[str] = DEFAULT_HOSTS,
     tracking_uri: str = "",
     on_status: Callable[[str], None] | None = None,
+    mlflow_auth: bool = False,
 ) -> LocalDeployment:
     """Start an MLflow server (unless ``tracking_uri``), a SuperLink and ``n_devices`` SuperNodes.
 
     Returns the running deployment (its :attr:`LocalDeployment.tracking_uri` says
     where runs are tracked); the caller submits runs and stops it. Nothing is left
-    running if a step fails.
+    running if a step fails. SuperNodes run only this project's app. With
+    ``mlflow_auth`` the MLflow server needs a password (``fedge deploy`` turns it
+    on; a caller that reads the server itself then needs
+    :meth:`MlflowAuth.client_env` of :attr:`LocalDeployment.mlflow_auth`).
     """
     say = on_status or (lambda _msg: None)
     dep = LocalDeployment(folder, credentials=credentials, insecure=insecure, hosts=hosts)
     try:
         dep.tracking_uri = tracking_uri
         if not tracking_uri:
-            say("starting the MLflow tracking server")
+            auth = None
+            if mlflow_auth:
+                auth = ensure_mlflow_auth(dep.credentials / "mlflow")
+            say(f"starting the MLflow tracking server{' (basic auth)' if auth else ''}")
             dep.tracking_uri = dep.start_mlflow(
-                f"sqlite:///{output_dir / 'mlflow.db'}", output_dir / "mlartifacts", wait=False
+                f"sqlite:///{output_dir / 'mlflow.db'}",
+                output_dir / "mlartifacts",
+                wait=False,
+                auth=auth,
             )
         say(f"starting the SuperLink ({'plain text' if insecure else 'TLS, SuperNode auth'})")
         dep.start_superlink()
@@ -654,6 +760,7 @@ def deploy(
         hosts=hosts,
         tracking_uri=cfg.tracking.uri,
         on_status=say,
+        mlflow_auth=request.mlflow_auth,
     ) as dep:
         if not cfg.tracking.uri:
             overrides.append(f"tracking.uri={_toml_string(dep.tracking_uri)}")

@@ -11,6 +11,7 @@ that owns the group dies without stopping it (for example a killed test run).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER_ENV = "FEDGE_DEPLOYMENT_ID"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 
 _GUARDIAN = r"""
 import os, signal, sys, time
@@ -120,8 +124,29 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def describe_exit(self) -> str:
-        """One line: the exit code and the last line of the log that says something."""
-        lines = [ln.strip() for ln in tail(self.log, 40).splitlines() if ln.strip()]
+        """One line: the exit code and why, from the log.
+
+        Flower ends a failed process with ``Exit Code: N`` and a few lines of
+        explanation; those are joined into the line. Otherwise the last line
+        that mentions an error or a code is used.
+        """
+        lines = [_ANSI.sub("", ln).strip() for ln in tail(self.log, 60).splitlines()]
+        lines = [ln for ln in lines if ln]
+        for at in range(len(lines) - 1, -1, -1):
+            found = _FLOWER_EXIT.search(lines[at])
+            if found is None:
+                continue
+            why = []
+            for ln in lines[at + 1 :]:
+                if ln.startswith(("For more information", "INFO", "WARNING")):
+                    break
+                why.append(ln)
+            if why:
+                reason = " ".join(why)
+                return (
+                    f"{self.name} exited with code {self.popen.returncode} "
+                    f"(Flower exit code {found.group(1)}: {reason}); log: {self.log}"
+                )
         hint = next(
             (ln for ln in reversed(lines) if "ERROR" in ln or "rror" in ln or "code" in ln),
             lines[-1] if lines else "",
