@@ -21,12 +21,24 @@ import math
 import random
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from river import stats
 from river.base import BinaryDriftDetector, DriftDetector
 
+if TYPE_CHECKING:
+    from river import stats
+
 Detector = DriftDetector | BinaryDriftDetector
+
+
+def _stats() -> Any:
+    """``river.stats``, imported only for the detectors that hold its statistics.
+
+    It brings SciPy; ADWIN, the default detector, holds none of them.
+    """
+    from river import stats as river_stats
+
+    return river_stats
 
 #: Largest magnitude of a sample in a KSWIN window (the errors a device feeds are 0 and 1).
 _MAX_SAMPLE = 1e12
@@ -171,7 +183,7 @@ def _load_count(data: Any, _fresh: Any, _detector: Detector, where: str) -> int:
 
 
 def _dump_mean(value: Any, _detector: Detector) -> dict[str, Any]:
-    if type(value) is not stats.Mean:
+    if type(value) is not _stats().Mean:
         raise _unexpected("river's Mean", value)
     _expect_attrs(value, {"n", "_mean"}, "stats.Mean")
     return {"n": _plain_real(value.n), "mean": _plain_real(value._mean)}
@@ -186,7 +198,7 @@ def _load_mean(data: Any, fresh: Any, _detector: Detector, where: str) -> stats.
 
 
 def _dump_var(value: Any, detector: Detector) -> dict[str, Any]:
-    if type(value) is not stats.Var:
+    if type(value) is not _stats().Var:
         raise _unexpected("river's Var", value)
     _expect_attrs(value, {"ddof", "mean", "_S"}, "stats.Var")
     # ``ddof`` is fixed by the detector's constructor; the fresh detector has it.
@@ -207,7 +219,7 @@ def _dump_sample_info(value: Any, detector: Detector) -> dict[str, Any]:
     # lambdas are derived from the constructor's ``lambda_val`` and not stored.
     _expect_attrs(value, {"_ewma", "_is_init", "_ibc", "_lambd_sq", "_c_lambd_sq"}, "SampleInfo")
     ewma = value._ewma
-    if type(ewma) is not stats.EWMean:
+    if type(ewma) is not _stats().EWMean:
         raise _unexpected("river's EWMean", ewma)
     _expect_attrs(ewma, {"fading_factor", "_ewmean"}, "stats.EWMean")
     fields = _decode_ewmean(ewma._ewmean.__getstate__())

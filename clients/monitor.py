@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from river import drift
 from river.base import BinaryDriftDetector, DriftDetector
-from river.drift import binary
 
 from clients.detector_state import (
     MAX_ADWIN_BUCKETS,
@@ -28,6 +26,7 @@ from clients.detector_state import (
     dump_detector,
     load_detector,
 )
+from clients.detectors import DETECTOR_NAMES, detector_class
 
 __all__ = [
     "DETECTOR_NAMES",
@@ -40,18 +39,6 @@ __all__ = [
     "resolve_detector_name",
 ]
 
-_DETECTOR_CLASSES: dict[str, type[DriftDetector | BinaryDriftDetector]] = {
-    "ADWIN": drift.ADWIN,
-    "KSWIN": drift.KSWIN,
-    "PageHinkley": drift.PageHinkley,
-    "DDM": binary.DDM,
-    "EDDM": binary.EDDM,
-    "HDDM_A": binary.HDDMA,
-    "HDDM_W": binary.HDDMW,
-}
-
-DETECTOR_NAMES: tuple[str, ...] = tuple(_DETECTOR_CLASSES)
-"""Canonical names of the supported detectors."""
 
 _BY_FOLDED_NAME = {re.sub(r"[^a-z0-9]", "", name.lower()): name for name in DETECTOR_NAMES}
 
@@ -171,12 +158,12 @@ def detector_parameters(name: str) -> tuple[str, ...]:
     return _parameters_of(resolve_detector_name(name))
 
 
-@functools.lru_cache(maxsize=len(_DETECTOR_CLASSES))
+@functools.lru_cache(maxsize=len(DETECTOR_NAMES))
 def _parameters_of(canonical: str) -> tuple[str, ...]:
     # Cached: every save and restore asks, and reading a signature costs a millisecond.
     return tuple(
         p.name
-        for p in inspect.signature(_DETECTOR_CLASSES[canonical]).parameters.values()
+        for p in inspect.signature(detector_class(canonical)).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
 
@@ -320,7 +307,7 @@ def make_detector(
     if seed is not None and "seed" in _PARAMETER_TYPES[canonical]:
         kwargs.setdefault("seed", _parameter_value(canonical, "seed", seed))
     try:
-        return _DETECTOR_CLASSES[canonical](**kwargs)
+        return detector_class(canonical)(**kwargs)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise ValueError(f"monitor.params: {canonical}({given}) rejected: {exc}") from None
@@ -565,7 +552,7 @@ class DriftMonitor:
                 f"got {', '.join(state)}"
             )
         name = state["detector"]
-        if not isinstance(name, str) or name not in _DETECTOR_CLASSES:
+        if not isinstance(name, str) or name not in DETECTOR_NAMES:
             # Only canonical names are ever written, so no forgiving spelling here.
             raise MonitorStateError(
                 f"monitor.from_bytes: detector {str(name)[:40]!r} is not one of "
