@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import contextlib
 import logging
 import os
@@ -15,6 +13,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedge.contracts.config import FedgeConfig, load_config
 

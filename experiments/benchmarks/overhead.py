@@ -25,7 +25,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
 from experiments.benchmarks import bare_app
-from experiments.benchmarks.common import Figure, flower_strategy_timer, small_config, write_bare_data
+from experiments.benchmarks.common import (
+    Figure,
+    flower_strategy_timer,
+    small_config,
+    write_bare_data,
+)
 from fedge.contracts import model as nets
 from fedge.contracts.wire import to_arrays
 from fedge.privacy.audit import AuditLog
