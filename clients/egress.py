@@ -13,6 +13,7 @@ whether it was cut short or rewritten (:class:`fedge.privacy.audit.AuditAnchors`
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,27 @@ def _upload_codec(request: Message) -> str | None:
     return codec if isinstance(codec, str) and codec in CODECS else None
 
 
+#: Decimal numbers in an exception's text: they may be sample values, so they never leave.
+_DECIMALS = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+(?=[eE][-+]?\d))(?:[eE][-+]?\d+)?")
+_ERROR_LINE_LIMIT = 200
+
+
+def error_summary(exc: BaseException) -> str:
+    """What the server hears of a failed handler: the type and first line, samples masked.
+
+    The first line of the message is kept (it says what went wrong, e.g. ``no inbox at
+    <path>``); decimal numbers in it are replaced by ``<number>`` because an exception
+    may quote a sample value, and the line is cut at 200 characters.
+
+    >>> error_summary(ValueError("row 3: value 0.8125 out of range\\nmore"))
+    'device handler failed (ValueError: row 3: value <number> out of range)'
+    """
+    text = str(exc).strip().splitlines()
+    first = _DECIMALS.sub("<number>", text[0]) if text else ""
+    first = first[:_ERROR_LINE_LIMIT]
+    return f"device handler failed ({type(exc).__name__}{': ' + first if first else ''})"
+
+
 def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
     """A client mod enforcing the egress policy and writing the audit log.
 
@@ -110,12 +132,9 @@ def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
             audit = logs[path] = AuditLog(path)
         try:
             reply = call_next(msg, context)
-        except Exception as exc:  # noqa: BLE001 - an exception text may quote local data
+        except Exception as exc:  # noqa: BLE001 - the server hears of it, within the policy
             log.warning("handler %s failed on the device: %r", msg.metadata.message_type, exc)
-            reply = Message(
-                Error(HANDLER_FAILED, f"device handler failed ({type(exc).__name__})"),
-                reply_to=msg,
-            )
+            reply = Message(Error(HANDLER_FAILED, error_summary(exc)), reply_to=msg)
         problems = egress_violations(msg, reply)
         entry = describe(reply)
         if problems:

@@ -172,6 +172,7 @@ def run_cmd(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    from fedge.core.ports import RunFailed
     from fedge.engines import EngineError
     from fedge.runner import run
     from fedge.tracking import TrackingError
@@ -187,7 +188,7 @@ def run_cmd(
     except (ConfigError, TrackingError) as exc:
         _fail(str(exc))
         return
-    except EngineError as exc:
+    except (EngineError, RunFailed) as exc:
         _fail(str(exc), code=1)
         return
     print_summary(summary)

@@ -27,6 +27,13 @@ class CampaignRefused(RuntimeError):
     """
 
 
+class RunFailed(RuntimeError):
+    """The run cannot do its work (e.g. every device failed); the message is one line saying why.
+
+    A run that ends this way is never reported as finished.
+    """
+
+
 @dataclass(frozen=True)
 class RoundMetrics:
     """Aggregated metrics of one strategy round."""

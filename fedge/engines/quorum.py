@@ -37,14 +37,22 @@ class ShortRound:
     kind: str
     replied: int
     sent: int
+    #: Nodes without a usable reply: silent ones and those that answered with an error.
     missing_nodes: tuple[int, ...]
+    #: Of those, the nodes that answered with an error, with its type and first line.
+    failed: tuple[tuple[int, str], ...] = ()
 
     def describe(self, timeout: float) -> str:
-        """One line for the log."""
+        """One line for the log: who was silent, who answered with an error and why."""
+        errored = dict(self.failed)
+        silent = [n for n in self.missing_nodes if n not in errored]
+        parts = []
+        if silent:
+            parts.append(f"no reply from node {', '.join(str(n) for n in silent)}")
+        parts += [f"node {n} answered with an error: {why}" for n, why in self.failed]
         return (
             f"tick {self.tick} round {self.round} {self.kind}: {self.replied} of {self.sent} "
-            f"devices replied within {timeout:g} s (no reply from node "
-            f"{', '.join(str(n) for n in self.missing_nodes)})"
+            f"devices replied within {timeout:g} s ({'; '.join(parts)})"
         )
 
 
@@ -94,6 +102,13 @@ class ReplyQuorum(GridView):
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
         if len(ok) >= len(sent):
             return replies
+        failed = tuple(
+            sorted(
+                (r.metadata.src_node_id, error_line(r))
+                for r in replies
+                if r.has_error() and r.metadata.src_node_id not in ok
+            )
+        )
         short = ShortRound(
             tick=_config_int(sent[0], p.TICK),
             round=_config_int(sent[0], p.ROUND),
@@ -101,6 +116,7 @@ class ReplyQuorum(GridView):
             replied=len(ok),
             sent=len(sent),
             missing_nodes=tuple(sorted({m.metadata.dst_node_id for m in sent} - ok)),
+            failed=failed,
         )
         if short.replied < self.min_devices:
             raise CampaignRefused(
@@ -121,6 +137,12 @@ def missing_by_round(grid: Grid, tick: int, kind: str = MessageType.TRAIN) -> di
         if short.tick == tick and short.kind == kind:
             out.setdefault(short.round, set()).update(short.missing_nodes)
     return out
+
+
+def error_line(reply: Message, limit: int = 300) -> str:
+    """A reply's error as one line: what the device's handler raised and its first line."""
+    reason = " ".join(str(reply.error.reason).split())
+    return reason[:limit] or f"error code {reply.error.code}"
 
 
 def _config_int(message: Message, key: str) -> int:

@@ -23,6 +23,7 @@ from fedge.contracts.wire import config_from_context, run_dir
 from fedge.core.clustering import DriftClustering
 from fedge.core.orchestrator import Orchestrator, TickCallback
 from fedge.core.pool import ClusterPolicy
+from fedge.core.ports import RunFailed
 from fedge.core.records import summarize_history
 from fedge.core.state import JsonState, state_path
 from fedge.core.triggers import make_policy
@@ -130,6 +131,13 @@ def run_server(
             run_id=str(folder),
         )
         record = orch.run(range(scenario.n_steps))
+        if record.ticks and federation.errors and not any(t.n_samples or t.accuracy is not None
+                                                          for t in record.ticks):
+            who = ", ".join(sorted(federation.errors))
+            raise RunFailed(
+                f"no device reported in any tick; {who} answered with errors, e.g. "
+                f"{next(iter(sorted(set(federation.errors.values()))))}"
+            )
         summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.model_rounds

@@ -28,11 +28,12 @@ from fedge.core.ports import (
     CampaignRefused,
     Deployed,
     RoundMetrics,
+    RunFailed,
     Scores,
     Weights,
 )
 from fedge.core.state import state_path
-from fedge.engines.quorum import missing_by_round
+from fedge.engines.quorum import error_line, missing_by_round
 from fedge.privacy.audit import ANCHORS_FILE, AuditAnchors
 from fedge.privacy.secagg_settings import SecAggError
 from fedge.server.strategy import DeviceGrid, make_strategy
@@ -51,6 +52,25 @@ def _metric(records: Mapping[int, Any], rnd: int, key: str) -> float:
 def _lineage_of(tags: Mapping[str, str]) -> str:
     cluster = tags.get("fedge.cluster", "")
     return f"cluster-{cluster}" if cluster != "" else CHAMPION_ALIAS
+
+
+#: What Flower says when a ClientApp has no handler for a message type.
+_NO_HANDLER = "function registered with name"
+
+
+def _first_poll_failure(errors: Mapping[str, str]) -> str:
+    """One line for a first poll that no device answered with a report."""
+    who = ", ".join(sorted(errors))
+    reasons = sorted(set(errors.values()))
+    if all(_NO_HANDLER in r for r in reasons):
+        return (
+            f"the ClientApp on {who} has no `query` handler ({reasons[0]}): it is not a fedge "
+            "ClientApp; run `clients.client_app:app` on the devices, or add fedge's monitoring "
+            "to your own ClientApp with `clients.wrap.monitored` (docs/bring-your-own.md)"
+        )
+    return f"every device failed on the first poll: {who}: {reasons[0]}" + (
+        f" (and {len(reasons) - 1} other errors)" if len(reasons) > 1 else ""
+    )
 
 
 class FlowerFederation:
@@ -102,6 +122,7 @@ class FlowerFederation:
         self.late: list[p.DriftReport] = []
         self._seen_late: dict[int, set[int]] = {}
         self._joined = False
+        self._polled = False
         #: Devices whose last reply was an error: device or node -> "Type: first line".
         self.errors: dict[str, str] = {}
         self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
@@ -232,6 +253,9 @@ class FlowerFederation:
             ]
         if self.anchors_path is not None:
             self.anchors.save(self.anchors_path)
+        first, self._polled = not self._polled, True
+        if first and not reports and not self.late and answered and self.errors:
+            raise RunFailed(_first_poll_failure(self.errors))
         silent = sorted({m.metadata.dst_node_id for m in messages} - answered)
         if silent:
             log.warning(
@@ -244,7 +268,7 @@ class FlowerFederation:
 
     def _node_error(self, tick: int, node: int, device: int | None, reply: Message) -> None:
         """A node answered with an error: remember its type and first line, say it once."""
-        reason = " ".join(str(reply.error.reason).split())[:300]
+        reason = error_line(reply)
         who = f"device {device}" if device is not None else f"node {node}"
         if self.errors.get(who) != reason:
             log.warning("tick %d: %s replied with an error: %s", tick, who, reason)
