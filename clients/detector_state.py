@@ -16,14 +16,22 @@ release that changes the layout fails loudly instead of restoring a different wi
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import random
-import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from river.base import BinaryDriftDetector, DriftDetector
+
+from clients.detector_codecs import (
+    ADWIN_DYNAMIC,
+    MonitorStateError,
+    decode_adwin,
+    decode_ewmean,
+    encode_adwin,
+    encode_ewmean,
+    set_rust_state,
+)
 
 if TYPE_CHECKING:
     from river import stats
@@ -52,14 +60,6 @@ _MAX_ADWIN_ROWS = 48
 _I32 = (-(2**31), 2**31 - 1)
 _U63 = 2**63 - 1
 _MT_WORDS = 624
-
-
-class MonitorStateError(ValueError):
-    """A saved monitor or detector state is not one this version can read.
-
-    It is the only error :meth:`clients.monitor.DriftMonitor.from_bytes` raises for bad
-    data; the message is one line, naming what was wrong.
-    """
 
 
 # -- attribute kinds -----------------------------------------------------------------------
@@ -222,7 +222,7 @@ def _dump_sample_info(value: Any, detector: Detector) -> dict[str, Any]:
     if type(ewma) is not _stats().EWMean:
         raise _unexpected("river's EWMean", ewma)
     _expect_attrs(ewma, {"fading_factor", "_ewmean"}, "stats.EWMean")
-    fields = _decode_ewmean(ewma._ewmean.__getstate__())
+    fields = decode_ewmean(ewma._ewmean.__getstate__())
     return {
         "ewma": {"mean": fields["mean"], "initialized": fields["initialized"]},
         "is_init": bool(value._is_init),
@@ -233,10 +233,10 @@ def _dump_sample_info(value: Any, detector: Detector) -> dict[str, Any]:
 def _load_sample_info(data: Any, fresh: Any, _detector: Detector, where: str) -> Any:
     data = _dict(data, where, ("ewma", "is_init", "ibc"))
     ewma = _dict(data["ewma"], f"{where}.ewma", ("mean", "initialized"))
-    fields = _decode_ewmean(fresh._ewma._ewmean.__getstate__())
+    fields = decode_ewmean(fresh._ewma._ewmean.__getstate__())
     fields["mean"] = float(_real(ewma["mean"], f"{where}.ewma.mean"))
     fields["initialized"] = _bool(ewma["initialized"], f"{where}.ewma.initialized")
-    _set_rust_state(fresh._ewma._ewmean, _encode_ewmean(fields), f"{where}.ewma")
+    set_rust_state(fresh._ewma._ewmean, encode_ewmean(fields), f"{where}.ewma")
     fresh._is_init = _bool(data["is_init"], f"{where}.is_init")
     fresh._ibc = _real(data["ibc"], f"{where}.ibc")
     return fresh
@@ -276,9 +276,9 @@ def _load_rng(data: Any, fresh: Any, _detector: Detector, where: str) -> random.
 
 
 def _dump_adwin(value: Any, detector: Detector) -> dict[str, Any]:
-    fields = _decode_adwin(value.__getstate__())
+    fields = decode_adwin(value.__getstate__(), MAX_ADWIN_BUCKETS, _MAX_ADWIN_ROWS)
     return {
-        **{key: fields[key] for key in _ADWIN_DYNAMIC},
+        **{key: fields[key] for key in ADWIN_DYNAMIC},
         "buckets": [
             {"used": b["current_idx"], "totals": b["totals"], "variances": b["variances"]}
             for b in fields["bucket_list"]
@@ -287,10 +287,10 @@ def _dump_adwin(value: Any, detector: Detector) -> dict[str, Any]:
 
 
 def _load_adwin(data: Any, fresh: Any, detector: Detector, where: str) -> Any:
-    data = _dict(data, where, (*_ADWIN_DYNAMIC, "buckets"))
+    data = _dict(data, where, (*ADWIN_DYNAMIC, "buckets"))
     # The configuration half of the blob (delta, clock, ...) is taken from the fresh
     # helper, i.e. from the validated constructor arguments, never from the data.
-    fields = _decode_adwin(fresh.__getstate__())
+    fields = decode_adwin(fresh.__getstate__(), MAX_ADWIN_BUCKETS, _MAX_ADWIN_ROWS)
     slots = fields["max_buckets"] + 1
     for key in ("total", "variance", "width", "total_width"):
         fields[key] = float(_real(data[key], f"{where}.{key}"))
@@ -324,7 +324,7 @@ def _load_adwin(data: Any, fresh: Any, detector: Detector, where: str) -> Any:
     if len(bucket_list) > 1 and bucket_list[-1]["current_idx"] == 0:
         raise _fail(f"{where}.buckets", "the oldest row of buckets is empty")
     fields["bucket_list"] = bucket_list
-    _set_rust_state(fresh, _encode_adwin(fields), where)
+    set_rust_state(fresh, encode_adwin(fields), where)
     return fresh
 
 
@@ -504,155 +504,3 @@ def _expect_attrs_subset(detector: Detector, known: set[str], required: set[str]
             f"knows {sorted(known)}; the installed river is not the one the state format was "
             "written for"
         )
-
-
-# -- river's Rust helpers ------------------------------------------------------------------
-# bincode 1 (river's choice): little-endian fixed-width integers, a u64 length before each
-# sequence, one byte per bool, fields in declaration order (river's rust_src/adwin.rs and
-# pyo3_bindings.rs).
-
-_ADWIN_HEAD = (
-    ("delta", "d"),
-    ("clock", "i"),
-    ("max_buckets", "Q"),
-    ("min_window_length", "d"),
-    ("grace_period", "d"),
-    ("total", "d"),
-    ("variance", "d"),
-    ("width", "d"),
-    ("total_width", "d"),
-    ("n_buckets", "i"),
-    ("max_n_buckets", "i"),
-    ("tick", "i"),
-    ("n_detections", "i"),
-)
-_ADWIN_TAIL = (
-    ("py_delta", "d"),
-    ("py_clock", "i"),
-    ("py_max_buckets", "Q"),
-    ("py_min_window_length", "i"),
-    ("py_grace_period", "i"),
-)
-_ADWIN_DYNAMIC = (
-    "total",
-    "variance",
-    "width",
-    "total_width",
-    "n_buckets",
-    "max_n_buckets",
-    "tick",
-    "n_detections",
-)
-_EWMEAN_FIELDS = (
-    ("mean", "d"),
-    ("alpha", "d"),
-    ("one_minus_alpha", "d"),
-    ("initialized", "?"),
-    ("py_alpha", "d"),
-)
-
-
-class _Reader:
-    """Sequential reader over a bincode blob that refuses to run past its end."""
-
-    def __init__(self, blob: bytes, what: str) -> None:
-        self._blob, self._at, self._what = blob, 0, what
-
-    def read(self, code: str) -> Any:
-        (value,) = self.many(code)
-        return value
-
-    def many(self, code: str) -> tuple[Any, ...]:
-        layout = _struct("<" + code)
-        if self._at + layout.size > len(self._blob):
-            raise _LayoutError(self._what)
-        values = layout.unpack_from(self._blob, self._at)
-        self._at += layout.size
-        return values
-
-    def floats(self, limit: int) -> list[float]:
-        n = self.read("Q")
-        if n > limit:
-            raise _LayoutError(self._what)
-        return list(self.many(f"{n}d"))
-
-    def done(self) -> None:
-        if self._at != len(self._blob):
-            raise _LayoutError(self._what)
-
-
-class _LayoutError(MonitorStateError):
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"monitor: river's {what} state does not have the layout this version of fedge "
-            "knows (river 0.26)"
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def _struct(layout: str) -> struct.Struct:
-    return struct.Struct(layout)
-
-
-def _read_fields(reader: _Reader, fields: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    codes = "".join(code for _, code in fields)
-    return dict(zip((name for name, _ in fields), reader.many(codes), strict=True))
-
-
-def _write_fields(values: Mapping[str, Any], fields: tuple[tuple[str, str], ...]) -> bytes:
-    codes = "".join(code for _, code in fields)
-    return _struct("<" + codes).pack(*(values[name] for name, _ in fields))
-
-
-def _decode_adwin(blob: bytes) -> dict[str, Any]:
-    reader = _Reader(blob, "ADWIN")
-    fields = _read_fields(reader, _ADWIN_HEAD)
-    slots = min(fields["max_buckets"], MAX_ADWIN_BUCKETS) + 1
-    rows = reader.read("Q")
-    if rows > _MAX_ADWIN_ROWS:
-        raise _LayoutError("ADWIN")
-    fields["bucket_list"] = []
-    for _ in range(rows):
-        max_size, current_idx = reader.read("Q"), reader.read("Q")
-        totals, variances = reader.floats(slots), reader.floats(slots)
-        fields["bucket_list"].append(
-            {"max_size": max_size, "current_idx": current_idx, "totals": totals,
-             "variances": variances}
-        )
-    fields.update(_read_fields(reader, _ADWIN_TAIL))
-    reader.done()
-    return fields
-
-
-def _encode_adwin(fields: Mapping[str, Any]) -> bytes:
-    parts = [_write_fields(fields, _ADWIN_HEAD), struct.pack("<Q", len(fields["bucket_list"]))]
-    for bucket in fields["bucket_list"]:
-        parts.append(struct.pack("<QQ", bucket["max_size"], bucket["current_idx"]))
-        for key in ("totals", "variances"):
-            column = bucket[key]
-            parts.append(struct.pack(f"<Q{len(column)}d", len(column), *column))
-    parts.append(_write_fields(fields, _ADWIN_TAIL))
-    return b"".join(parts)
-
-
-def _decode_ewmean(blob: bytes) -> dict[str, Any]:
-    reader = _Reader(blob, "EWMean")
-    fields = _read_fields(reader, _EWMEAN_FIELDS)
-    reader.done()
-    return fields
-
-
-def _encode_ewmean(fields: Mapping[str, Any]) -> bytes:
-    return _write_fields(fields, _EWMEAN_FIELDS)
-
-
-def _set_rust_state(helper: Any, blob: bytes, where: str) -> None:
-    """Hand a blob we encoded from validated numbers to a Rust helper, and check it took.
-
-    River unwraps its bincode decoding (a bad blob is a Rust panic, which Python code
-    cannot catch as an ``Exception``); the blob here always has the layout just read back
-    from a fresh helper of the same river, so decoding cannot fail.
-    """
-    helper.__setstate__(blob)
-    if helper.__getstate__() != blob:
-        raise _LayoutError(where)

@@ -36,12 +36,11 @@ from clients.inbox import (
     IngestError,
     OnInvalid,
     Receipt,
-    _cut,
     _positive,
-    _short,
     ingest,
     read_schema,
 )
+from clients.inbox_batches import _cut, _short
 
 _MAX_LINE = 1 << 20  # a JSON line longer than this is refused, so one line cannot fill memory
 # ASCII only: Python's int()/float() also take "1_000", Arabic-Indic digits and "infinity".

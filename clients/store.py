@@ -21,15 +21,12 @@ left untouched until the right key is given.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import sqlite3
-import struct
 import threading
 import time
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,52 +39,28 @@ from clients.crypto import (
     RECORDS_PER_KEY,
     RecordAuthenticationError,
     RecordCipher,
-    WrongKeyError,
     default_key_path,
     load_or_create_key,
     private_dirs,
-    private_file,
     tighten,
+)
+from clients.store_format import (
+    SIDECAR_SUFFIXES,
+    UnusableStoreError,
+    open_records,
+    open_store,
+    pack_arrays,
+    pack_rows,
+    seal_samples,
+    set_meta,
+    unpack_arrays,
+    unpack_rows,
 )
 
 logger = logging.getLogger("fedge.device")
 
-_FORMAT = "fedge.device_store"
-# Version 2 seals every sample row; a version-1 store (plaintext rows) is sealed in
-# place when it is opened, then vacuumed so no plaintext page stays in the file.
-_FORMAT_VERSION = "2"
-_READABLE_VERSIONS = ("1", _FORMAT_VERSION)
-_SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    (
-        # record: AES-GCM of the row's float32 features and int64 label; id and tick
-        # stay in the clear (trimming needs them) and are bound to the record.
-        "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY,"
-        " tick INTEGER NOT NULL, record BLOB NOT NULL)"
-    ),
-    "CREATE INDEX IF NOT EXISTS samples_by_tick ON samples (tick)",
-    "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
-    (
-        "CREATE TABLE IF NOT EXISTS model (slot INTEGER PRIMARY KEY CHECK (slot = 0),"
-        " version INTEGER NOT NULL, arrays BLOB NOT NULL)"
-    ),
-    "CREATE TABLE IF NOT EXISTS outbox (tick INTEGER PRIMARY KEY, report TEXT NOT NULL)",
-)
-
 #: Reports kept in the outbox at most; beyond it the oldest are dropped (and counted).
 OUTBOX_CAPACITY = 10_000
-
-# Associated data of a sealed record: what it is and where it belongs.
-_SAMPLE_AD = b"fedge.sample\x00"
-_KEY_CHECK_AD = b"fedge.key-check\x00"
-_ID_TICK = struct.Struct("<qq")
-_LABEL = struct.Struct("<q")
-
-
-class _UnusableStoreError(Exception):
-    """The file at the store's path is not a store this code can use."""
 
 
 class DeviceStore:
@@ -174,10 +147,10 @@ class DeviceStore:
         self._cipher = RecordCipher(key)
 
         try:
-            self._conn = self._open()
-        except _UnusableStoreError as exc:
+            self._conn = open_store(self._path, self._cipher, self._key_path, self._key_created)
+        except UnusableStoreError as exc:
             self._move_aside(str(exc))
-            self._conn = self._open()
+            self._conn = open_store(self._path, self._cipher, self._key_path, self._key_created)
 
         stored = self._get_meta("n_features")
         if stored is not None and n_features is not None and int(stored) != n_features:
@@ -189,7 +162,7 @@ class DeviceStore:
         self._n_features: int | None = int(stored) if stored is not None else n_features
         with self._transaction() as conn:
             if stored is None and n_features is not None:
-                _set_meta(conn, "n_features", str(n_features))
+                set_meta(conn, "n_features", str(n_features))
             self._trim(conn)
 
     @property
@@ -252,30 +225,20 @@ class DeviceStore:
         if rows.shape[0] == 0:
             return
 
-        plaintexts = _pack_rows(rows[-self._capacity :], labels[-self._capacity :])
+        plaintexts = pack_rows(rows[-self._capacity :], labels[-self._capacity :])
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
             )
-            # Ids are given here, not by SQLite, because each record is sealed to its id;
-            # they only grow, so a deleted record put back later does not fit any row.
-            (top,) = conn.execute("SELECT MAX(id) FROM samples").fetchone()
-            last = max(int(_read_meta(conn, "last_sample_id") or 0), int(top or 0))
-            ids = range(last + 1, last + 1 + len(plaintexts))
-            sealed = self._cipher.seal_many(plaintexts, [_sample_ad(i, tick) for i in ids])
-            conn.executemany(
-                "INSERT INTO samples (id, tick, record) VALUES (?, ?, ?)",
-                zip(ids, [tick] * len(sealed), sealed, strict=True),
-            )
-            _set_meta(conn, "last_sample_id", str(ids[-1]))
+            last, newest = seal_samples(conn, self._cipher, plaintexts, tick)
             self._trim(conn)
         self._n_features = width
-        if last < RECORDS_PER_KEY <= ids[-1]:
+        if last < RECORDS_PER_KEY <= newest:
             logger.warning(
                 "device store %s: %d records sealed under key %s; past this many random "
                 "nonces may repeat: move the store aside and give the device a new key",
                 self._path,
-                ids[-1],
+                newest,
                 self._key_path,
             )
 
@@ -308,12 +271,12 @@ class DeviceStore:
             empty = np.zeros(0, dtype=np.int64)
             return np.zeros((0, width), dtype=np.float32), empty, empty.copy()
         try:
-            plain = self._open_records(rows, width)
-        except _UnusableStoreError as exc:
+            plain = open_records(self._cipher, rows, width)
+        except UnusableStoreError as exc:
             raise RecordAuthenticationError(
                 f"store {self._path}: {exc}; it is moved aside when next opened"
             ) from None
-        x, y = _unpack_rows(plain, width, len(rows))
+        x, y = unpack_rows(plain, width, len(rows))
         return x, y, np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
 
     def __len__(self) -> int:
@@ -466,7 +429,7 @@ class DeviceStore:
             If an array cannot be stored without pickling.
         """
         version = _as_int(version, "store.put_model: version")
-        blob = _pack_arrays(arrays)
+        blob = pack_arrays(arrays)
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO model (slot, version, arrays) VALUES (0, ?, ?)",
@@ -483,9 +446,7 @@ class DeviceStore:
             )
         if row is None:
             return None
-        with np.load(io.BytesIO(row[1]), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        return int(row[0]), arrays
+        return int(row[0]), unpack_arrays(row[1])
 
     # -- outbox: reports waiting for the server's acknowledgement -----------------------------
     def put_report(self, tick: int, report: Mapping[str, int | bool]) -> int:
@@ -628,132 +589,6 @@ class DeviceStore:
         row = self._connection().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _open(self) -> sqlite3.Connection:
-        """Connect and make sure the file is a healthy store, creating the schema if new."""
-        # SQLite creates its -wal and -shm files with the main file's mode, so an
-        # owner-only main file (made before SQLite sees it) keeps them owner-only too.
-        private_file(self._path)
-        for suffix in _SIDECAR_SUFFIXES:
-            tighten(Path(f"{self._path}{suffix}"))
-        conn = sqlite3.connect(
-            self._path, timeout=5.0, isolation_level=None, check_same_thread=False
-        )
-        try:
-            found = _prepare(conn)
-            migrated = self._unlock(conn, found)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if _is_corruption(exc):
-                raise _UnusableStoreError(f"unreadable database ({exc})") from exc
-            raise
-        except (_UnusableStoreError, WrongKeyError):
-            conn.close()
-            raise
-        if migrated:
-            # The plaintext rows are in free pages (and maybe the log) until the file
-            # is rebuilt: rebuild it, and empty the log.
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            logger.info("device store %s: sealed its samples (format 1 -> 2)", self._path)
-        return conn
-
-    def _unlock(self, conn: sqlite3.Connection, found: str | None) -> bool:
-        """Create or upgrade the schema, check the key, and open every sealed record.
-
-        Returns whether a format-1 store was sealed (it then wants a VACUUM).
-        """
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if found == "1":
-                self._seal_plaintext_rows(conn)
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            _set_meta(conn, "format", _FORMAT)
-            _set_meta(conn, "format_version", _FORMAT_VERSION)
-            self._check_key(conn)
-            width = _read_meta(conn, "n_features")
-            rows = conn.execute("SELECT id, tick, record FROM samples ORDER BY id").fetchall()
-            if rows and width is None:
-                raise _UnusableStoreError("sample records but no row width")
-            if rows:
-                self._open_records(rows, int(width or 0))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return found == "1"
-
-    def _check_key(self, conn: sqlite3.Connection) -> None:
-        """Tell a wrong key (refused) from a lost one (store moved aside) before any record."""
-        check = _read_meta(conn, "key_check")
-        if check is None:
-            sealed = self._cipher.seal(b"", _KEY_CHECK_AD)
-            _set_meta(conn, "key_check", sealed.hex())
-            return
-        try:
-            self._cipher.open(bytes.fromhex(check), _KEY_CHECK_AD)
-        except (RecordAuthenticationError, ValueError):
-            if self._key_created:
-                raise _UnusableStoreError(
-                    f"sealed with a key that is gone: {self._key_path} was missing, "
-                    "a new key was made"
-                ) from None
-            raise WrongKeyError(
-                f"store {self._path} was sealed with another key than the one in "
-                f"{self._key_path}; give the store's own key file (key_file or "
-                f"$FEDGE_DEVICE_KEY_FILE) or move the store away"
-            ) from None
-
-    def _seal_plaintext_rows(self, conn: sqlite3.Connection) -> None:
-        """Format 1 kept features and label in the clear: seal every row in place."""
-        conn.execute("ALTER TABLE samples RENAME TO samples_plaintext")
-        conn.execute("DROP INDEX IF EXISTS samples_by_tick")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        rows = conn.execute(
-            "SELECT id, tick, label, x FROM samples_plaintext ORDER BY id"
-        ).fetchall()
-        if rows:
-            width = len(rows[0][3]) // 4
-            if any(len(row[3]) != 4 * width for row in rows):
-                raise _UnusableStoreError("format-1 sample rows of different widths")
-            x = np.frombuffer(b"".join(row[3] for row in rows), dtype=np.float32)
-            plaintexts = _pack_rows(
-                x.reshape(len(rows), width), np.array([row[2] for row in rows], dtype=np.int64)
-            )
-            sealed = self._cipher.seal_many(
-                plaintexts, [_sample_ad(row[0], row[1]) for row in rows]
-            )
-            conn.executemany(
-                "INSERT INTO samples (id, tick, record) VALUES (?, ?, ?)",
-                ((row[0], row[1], blob) for row, blob in zip(rows, sealed, strict=True)),
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
-            )
-            _set_meta(conn, "last_sample_id", str(rows[-1][0]))
-        conn.execute("DROP TABLE samples_plaintext")
-
-    def _open_records(self, rows: list[tuple[int, int, bytes]], width: int) -> bytes:
-        """The plaintexts of sealed sample ``rows`` (id, tick, record), joined."""
-        size = 4 * width + _LABEL.size
-        try:
-            opened = self._cipher.open_many(
-                [row[2] for row in rows], [_sample_ad(row[0], row[1]) for row in rows]
-            )
-        except RecordAuthenticationError as exc:
-            raise _UnusableStoreError(
-                f"sample record {rows[exc.index][0]} failed authentication (changed, moved "
-                "or sealed under another key)"
-            ) from None
-        for (record_id, _, _), plain in zip(rows, opened, strict=True):
-            if len(plain) != size:
-                raise _UnusableStoreError(
-                    f"sample record {record_id} holds {len(plain)} bytes, expected {size}"
-                )
-        return b"".join(opened)
-
     def _aside_path(self, stem: str) -> Path:
         """A free ``<stem>.corrupt-<timestamp>[-n]`` path next to the store."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -768,7 +603,7 @@ class DeviceStore:
         target = self._aside_path(self._path.name)
         tighten(self._path)
         os.replace(self._path, target)
-        for suffix in _SIDECAR_SUFFIXES:
+        for suffix in SIDECAR_SUFFIXES:
             sidecar = Path(f"{self._path}{suffix}")
             if sidecar.exists():
                 tighten(sidecar)
@@ -779,75 +614,6 @@ class DeviceStore:
             reason,
             target,
         )
-
-
-def _prepare(conn: sqlite3.Connection) -> str | None:
-    """Check the file read-only first, so a file that is not ours is moved aside unmodified.
-
-    Returns the format version found (``None`` for a new, empty file).
-    """
-    check = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
-    if check != ["ok"]:
-        raise _UnusableStoreError(f"integrity check failed: {'; '.join(map(str, check[:3]))}")
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if tables:
-        marker = None
-        if "meta" in tables:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-            marker = None if row is None else row[0]
-        if marker != _FORMAT:
-            raise _UnusableStoreError("not a fedge device store")
-        row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
-        found = None if row is None else str(row[0])
-        if found not in _READABLE_VERSIONS:
-            raise _UnusableStoreError(f"store format version {found}, expected {_FORMAT_VERSION}")
-    else:
-        found = None
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    # A device writes a few pages per tick for ever: checkpoint often and keep the
-    # write-ahead log small on disk (SQLite's defaults let it sit at 4 MiB).
-    conn.execute("PRAGMA wal_autocheckpoint=256")
-    conn.execute("PRAGMA journal_size_limit=1048576")
-    return found
-
-
-def _sample_ad(record_id: int, tick: int) -> bytes:
-    """Associated data of a sample record: its kind, row id and tick."""
-    return _SAMPLE_AD + _ID_TICK.pack(record_id, tick)
-
-
-def _pack_rows(rows: np.ndarray, labels: np.ndarray) -> list[bytes]:
-    """One plaintext per row: little-endian float32 features, then the int64 label."""
-    n, width = rows.shape
-    packed = np.empty((n, 4 * width + _LABEL.size), dtype=np.uint8)
-    packed[:, : 4 * width] = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8).reshape(n, -1)
-    packed[:, 4 * width :] = np.ascontiguousarray(labels, dtype="<i8").view(np.uint8).reshape(n, -1)
-    raw = packed.tobytes()
-    size = packed.shape[1]
-    return [raw[i * size : (i + 1) * size] for i in range(n)]
-
-
-def _unpack_rows(plain: bytes, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`_pack_rows` over the joined plaintexts."""
-    packed = np.frombuffer(plain, dtype=np.uint8).reshape(n, 4 * width + _LABEL.size)
-    x = np.ascontiguousarray(packed[:, : 4 * width]).view("<f4").astype(np.float32)
-    y = np.ascontiguousarray(packed[:, 4 * width :]).view("<i8").reshape(n).astype(np.int64)
-    return x, y
-
-
-def _read_meta(conn: sqlite3.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", 0) or 0
-    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _as_int(value: object, what: str) -> int:
@@ -861,19 +627,3 @@ def _file_safe(key: str) -> str:
     return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"%{ord(c):02x}" for c in key)
 
 
-def _pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Write named arrays as an uncompressed ``.npz`` archive (readable by ``numpy.load``)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, mode="w", compression=zipfile.ZIP_STORED) as archive:
-        for name, value in arrays.items():
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"store.put_model: array names must be non-empty str, got {name!r}")
-            array = np.asanyarray(value)
-            if array.dtype.hasobject:
-                raise ValueError(
-                    f"store.put_model: array {name!r} has dtype {array.dtype}, "
-                    "which cannot be stored without pickling"
-                )
-            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                np.lib.format.write_array(member, array, allow_pickle=False)
-    return buffer.getvalue()

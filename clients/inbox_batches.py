@@ -1,0 +1,226 @@
+"""Checking and staging the batches of one ingest call, before the inbox stores any.
+
+:class:`clients.inbox.Inbox` stores batches; this module decides whether a batch may be
+stored. Each ``(tick, x, y)`` batch is checked against the inbox's
+:class:`InboxSchema` (a non-negative 64-bit tick, the row width, finite numbers,
+known labels, ticks that do not go back), and a bad batch is refused whole with an
+:class:`IngestError` naming the tick, the row and the problem, or with
+``on_invalid="drop"`` its bad rows are dropped and counted. The checked batches of a
+call wait in a :class:`Staging` area, in memory up to a number of rows and beyond it
+in SQLite's private temporary database, so the inbox holds its write lock only while
+it copies them in.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+import numpy as np
+
+from clients.validation import REJECT_REASONS, validate_rows
+
+OnInvalid = Literal["raise", "drop"]
+BatchInput = tuple[int, "np.ndarray | Sequence[Any]", "np.ndarray | Sequence[Any]"]
+
+_REASON_TEXT = {
+    "wrong_width": "wrong number of features",
+    "non_finite": "a feature is NaN, infinite or not a number",
+    "unknown_label": "the label is not one of the device's classes",
+}
+_INT64_MAX = 2**63 - 1
+
+
+class IngestError(ValueError):
+    """Device data that cannot be ingested; the message names the tick, row and problem."""
+
+
+# Users meet it as clients.inbox.IngestError (its documented home, and what a traceback
+# names); it is defined here only because checking a batch is what raises it.
+IngestError.__module__ = "clients.inbox"
+
+
+@dataclass(frozen=True)
+class InboxSchema:
+    """The shape of the rows an inbox holds, fixed when it is created.
+
+    Parameters
+    ----------
+    n_features : int
+        Row width.
+    n_classes : int
+        Number of classes; labels are ``0 .. n_classes - 1``.
+    """
+
+    n_features: int
+    n_classes: int
+
+
+@dataclass(frozen=True)
+class _Checked:
+    tick: int
+    n: int
+    x: bytes
+    y: bytes
+    rejected: str
+
+
+def _check_batch(
+    tick: object,
+    x: np.ndarray | Sequence[Any],
+    y: np.ndarray | Sequence[Any],
+    schema: InboxSchema,
+    on_invalid: OnInvalid,
+) -> _Checked:
+    """Validate one batch; raise on a malformed batch, or on a bad row with ``"raise"``."""
+    if (
+        isinstance(tick, bool)
+        or not isinstance(tick, int | np.integer)
+        or not 0 <= int(tick) <= _INT64_MAX
+    ):
+        raise IngestError(f"ingest: tick must be a non-negative integer (64-bit), got {_short(tick)}")
+    tick = int(tick)
+    try:
+        rows = validate_rows(x, y, schema.n_features, schema.n_classes)
+    except (TypeError, ValueError, OverflowError) as exc:
+        message = str(exc).removeprefix("validate_rows: ")
+        raise IngestError(
+            f"ingest: tick {tick}: {message}; nothing from this batch was stored"
+        ) from None
+    if rows.rejected["total"] and on_invalid == "raise":
+        row, reason = _first_bad_row(x, y, schema)
+        raise IngestError(
+            f"ingest: tick {tick}, row {row}: {_REASON_TEXT[reason]}; "
+            "nothing from this batch was stored"
+        )
+    xs = np.ascontiguousarray(rows.x, dtype=np.float32).reshape(-1, schema.n_features)
+    ys = np.ascontiguousarray(rows.y, dtype=np.int64)
+    return _Checked(tick, len(ys), xs.tobytes(), ys.tobytes(), json.dumps(dict(rows.rejected)))
+
+
+def _first_bad_row(
+    x: np.ndarray | Sequence[Any], y: np.ndarray | Sequence[Any], schema: InboxSchema
+) -> tuple[int, str]:
+    for i, (row, label) in enumerate(zip(x, y, strict=True)):
+        single = validate_rows([row], [label], schema.n_features, schema.n_classes)
+        for reason in REJECT_REASONS:
+            if single.rejected[reason]:
+                return i, reason
+    return -1, "non_finite"
+
+
+class Staging:
+    """The checked batches of one call, in order: in memory up to ``spill_rows`` rows, then on disk.
+
+    The disk part is SQLite's private temporary database (``connect("")``): it is
+    unlinked as soon as it is opened and gone when closed, so a refused or
+    interrupted call leaves nothing behind, and a file of any length costs only
+    SQLite's page cache in memory.
+    """
+
+    def __init__(self, spill_rows: int) -> None:
+        self.spill_rows = spill_rows
+        self._memory: list[_Checked] = []
+        self._rows = 0
+        self._disk: sqlite3.Connection | None = None
+
+    def add(self, batch: _Checked) -> None:
+        if self._disk is not None:
+            self._insert(batch)
+            return
+        self._memory.append(batch)
+        self._rows += batch.n
+        if self._rows > self.spill_rows:
+            self._disk = sqlite3.connect("")
+            # A scratch copy: durability does not matter, the inbox commit does.
+            self._disk.execute("PRAGMA journal_mode=OFF")
+            self._disk.execute("PRAGMA synchronous=OFF")
+            self._disk.execute(
+                "CREATE TABLE staged (seq INTEGER PRIMARY KEY, tick INTEGER, n INTEGER,"
+                " x BLOB, y BLOB, rejected TEXT)"
+            )
+            for held in self._memory:
+                self._insert(held)
+            self._memory.clear()
+
+    def _insert(self, batch: _Checked) -> None:
+        assert self._disk is not None
+        self._disk.execute(
+            "INSERT INTO staged (tick, n, x, y, rejected) VALUES (?, ?, ?, ?, ?)",
+            (batch.tick, batch.n, batch.x, batch.y, batch.rejected),
+        )
+
+    def __iter__(self) -> Iterator[_Checked]:
+        if self._disk is None:
+            yield from self._memory
+            return
+        # The cursor steps one row at a time, so reading back is bounded too.
+        for tick, n, x, y, rejected in self._disk.execute(
+            "SELECT tick, n, x, y, rejected FROM staged ORDER BY seq"
+        ):
+            yield _Checked(int(tick), int(n), x, y, rejected)
+
+    def close(self) -> None:
+        self._memory.clear()
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def stage(
+    batches: Iterable[BatchInput],
+    schema: InboxSchema,
+    on_invalid: OnInvalid,
+    floor: int,
+    spill_rows: int,
+) -> Staging:
+    """Check every batch (ticks not before ``floor`` nor each other) into a staging area."""
+    if on_invalid not in ("raise", "drop"):
+        raise IngestError(f"ingest: on_invalid={on_invalid!r} is not allowed; allowed: raise, drop")
+    staged = Staging(spill_rows)
+    try:
+        stored_floor = True
+        for item in batches:
+            try:
+                tick, x, y = item
+            except (TypeError, ValueError):
+                raise IngestError(
+                    f"ingest: a batch is a (tick, x, y) triple, got {_short(item)}"
+                ) from None
+            checked = _check_batch(tick, x, y, schema, on_invalid)
+            if checked.tick < floor:
+                before = f"the latest stored tick {floor}" if stored_floor else f"tick {floor}"
+                raise IngestError(
+                    f"ingest: tick {checked.tick} is before {before} "
+                    "(the inbox is append-only); nothing from this call was stored"
+                )
+            floor, stored_floor = checked.tick, False
+            staged.add(checked)
+    except BaseException:
+        staged.close()
+        raise
+    return staged
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` on one line and at most ``limit`` characters."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters, for messages about hostile input."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  # any object may come in; the message must still be one line
+        text = f"<{type(value).__name__}>"
+    return _cut(text, limit)
