@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import contextlib
 import logging
 import os
@@ -16,7 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fedge.contracts.config import FedgeConfig, load_config
+import numpy as np
+
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import load_config
 
 
 @dataclass
