@@ -7,7 +7,7 @@ device logs why) and records every outgoing message in the device's
 keyed, hash-chained audit log (:class:`fedge.privacy.audit.AuditLog`; the key
 file beside the log is created with it). The drift reports a device sends say
 how long that log is and how its chain ends, so the server can tell later
-whether it was cut short or rewritten (:class:`fedge.privacy.audit.AuditAnchors`).
+whether it was cut short or rewritten (:class:`fedge.privacy.anchors.AuditAnchors`).
 """
 
 from __future__ import annotations

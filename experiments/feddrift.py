@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from fedge.contracts.config import PROJECT_ROOT, load_config
+from fedge.contracts.config import PROJECT_ROOT
+from fedge.contracts.config_load import load_config
 from fedge.contracts.protocol import DriftReport
 from fedge.core.pool import ClusterPlan, ClusterView
 from fedge.core.ports import Scores

@@ -17,7 +17,7 @@ from typing import Any
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_devices
 from fedge.server.app import run_server

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.contracts import model as nets
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.engines.inprocess import InProcessGrid
 from fedge.privacy.secagg_settings import SecAggConfig

@@ -93,7 +93,7 @@ def store_bytes(folder: Path) -> int:
 
 # -- in-process --------------------------------------------------------------------------------
 def soak_inprocess(out: Path, devices: int, ticks: int, period: int, every: int) -> bool:
-    from fedge.contracts.config import load_config
+    from fedge.contracts.config_load import load_config
     from fedge.runner import RunRequest, feed_devices, run_inprocess
 
     items = tuple(overrides(out, devices, ticks, period))
@@ -208,8 +208,9 @@ def _role(argv: Sequence[bytes], env: Sequence[bytes]) -> str | None:
 
 
 def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
-    from fedge.contracts.config import load_config
+    from fedge.contracts.config_load import load_config
     from fedge.deploy.launcher import start_deployment
+    from fedge.deploy.runs import submit_run, wait_for_run
     from fedge.runner import feed_devices
 
     items = overrides(out, devices, ticks, period, "run.reply_timeout=120")
@@ -230,7 +231,7 @@ def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
         }
         base = sampler.sample()
         sampler.start()
-        run_id = dep.submit(run_config)
+        run_id = submit_run(dep, run_config)
         shown = [0.0]
 
         def on_wait(status: str) -> None:
@@ -240,7 +241,7 @@ def soak_deployment(out: Path, devices: int, ticks: int, period: int) -> bool:
 
         print(f"{'wall s':>8}  resident sets, MiB")
         _print_row(time.perf_counter() - started, base)
-        status = dep.wait(run_id, 7200, on_wait, done_file=folder / "summary.json", poll=10.0)
+        status = wait_for_run(dep, run_id, 7200, on_wait, done_file=folder / "summary.json", poll=10.0)
         sampler.stop()
         end = sampler.rows[-1][1] if sampler.rows else {}
         _print_row(time.perf_counter() - started, end)

@@ -298,7 +298,8 @@ def sync_cmd(
 @app.command("scenarios")
 def scenarios_cmd() -> None:
     """List the ready scenarios shipped in experiments/."""
-    from fedge.contracts.config import ConfigError, load_config
+    from fedge.contracts.config import ConfigError
+    from fedge.contracts.config_load import load_config
     from fedge.runner import scenario_files
 
     table = Table(title="Scenarios", title_justify="left")
@@ -327,7 +328,7 @@ def audit_cmd(
     log: Annotated[Path, typer.Argument(help="A device's audit log (*.audit.jsonl).")],
 ) -> None:
     """Verify a device's hash-chained audit log and summarise what it sent."""
-    from fedge.privacy.audit import summarise, verify
+    from fedge.privacy.anchors import summarise, verify
 
     verdict = verify(log)
     if not verdict.ok:

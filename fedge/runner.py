@@ -26,9 +26,8 @@ from typing import Any
 
 import tomli_w
 
-from fedge.contracts.config import (
-    ConfigError,
-    FedgeConfig,
+from fedge.contracts.config import ConfigError, FedgeConfig
+from fedge.contracts.config_load import (
     apply_overrides,
     from_dict,
     load_config,
@@ -205,7 +204,7 @@ def run(
     request = RunRequest(stored, changed, request.engine)
     run_config = request.run_config(cfg, folder, request.engine)
     if request.engine == "deployment":
-        from fedge.deploy.launcher import DeployRequest, deploy
+        from fedge.deploy.runs import DeployRequest, deploy
 
         return deploy(DeployRequest(stored, changed), run_dir=folder)
     feed_devices(cfg, folder)

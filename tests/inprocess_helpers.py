@@ -12,7 +12,8 @@ from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from clients.device import Device
 from clients.inbox import inbox_path
-from fedge.contracts.config import FedgeConfig, load_config
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_device, feed_devices
 from fedge.server.app import run_server

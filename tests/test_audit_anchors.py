@@ -20,21 +20,10 @@ from inprocess_helpers import fed_device, run_captured
 from typer.testing import CliRunner
 
 from fedge.cli import app as cli
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.contracts.protocol import LATE_REPORTS, REPORT, DriftReport
-from fedge.privacy.audit import (
-    ANCHORS_FILE,
-    GENESIS,
-    MAC,
-    AuditAnchors,
-    AuditLog,
-    anchor_fields,
-    chain_head,
-    check_logs,
-    key_path,
-    load_anchors,
-    verify,
-)
+from fedge.privacy.anchors import ANCHORS_FILE, AuditAnchors, check_logs, load_anchors, verify
+from fedge.privacy.audit import GENESIS, MAC, AuditLog, anchor_fields, chain_head, key_path
 from fedge.privacy.report import write_report
 
 

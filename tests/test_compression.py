@@ -14,7 +14,8 @@ from inprocess_helpers import fed_device
 from fedge.contracts import model as nets
 from fedge.contracts import protocol as p
 from fedge.contracts.compression import BLOCK, decode_update, encode_update, encoded_shapes
-from fedge.contracts.config import FedgeConfig, load_config
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import load_config
 from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.engines.inprocess import InProcessGrid
 from strategies.compressed import CompressedUploads

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedge.cli import app
-from fedge.contracts.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import load_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

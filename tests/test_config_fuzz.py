@@ -10,7 +10,8 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedge.contracts.config import ConfigError, FedgeConfig, load_config
+from fedge.contracts.config import ConfigError, FedgeConfig
+from fedge.contracts.config_load import load_config
 
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

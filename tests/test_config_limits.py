@@ -15,14 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedge.cli import app
-from fedge.contracts.config import (
-    MAX_CLIENTS,
-    MAX_SEED,
-    MAX_TICKS,
-    ConfigError,
-    inside,
-    load_config,
-)
+from fedge.contracts.config import MAX_CLIENTS, MAX_SEED, MAX_TICKS, ConfigError
+from fedge.contracts.config_load import inside, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +173,7 @@ def test_inside_keeps_paths_in_their_root(tmp_path: Path) -> None:
 
 
 def test_a_run_folder_is_never_made_outside_the_output_folder(tmp_path: Path) -> None:
-    from fedge.contracts.config import new_run_dir
+    from fedge.contracts.config_load import new_run_dir
 
     cfg = load_config(None, [f"run.output_dir={str(tmp_path)!r}"])
     folder = new_run_dir(cfg)

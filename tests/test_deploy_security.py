@@ -23,6 +23,7 @@ from fedge.deploy import DeployError
 from fedge.deploy.keys import create_node_key
 from fedge.deploy.launcher import CONNECT_TIMEOUT, SUPERLINK_HOST, LocalDeployment
 from fedge.deploy.mlflow_auth import ensure_mlflow_auth
+from fedge.deploy.runs import submit_run, wait_for_run
 
 STRANGER = "stranger"
 
@@ -167,8 +168,8 @@ def test_device_refuses_an_app_it_was_not_provisioned_for(linked: LocalDeploymen
     other = linked.start_supernode(1, 2, keys[1], pins=[fab_sha256(hostile)])  # for this app
     linked.wait_online(2, timeout=120, watch=[device, other])
 
-    run_id = linked.submit({"out": str(out)}, app=hostile)
-    status = linked.wait(run_id, 300, done_file=out / "answers.json", poll=5.0)
+    run_id = submit_run(linked, {"out": str(out)}, app=hostile)
+    status = wait_for_run(linked, run_id, 300, done_file=out / "answers.json", poll=5.0)
     assert status.startswith("finished"), status
     answers = json.loads((out / "answers.json").read_text())
 

@@ -25,8 +25,9 @@ from fedge.contracts.config import ConfigError
 from fedge.deploy import DeployError
 from fedge.deploy.certs import ensure_tls
 from fedge.deploy.keys import create_node_key
-from fedge.deploy.launcher import PLAIN_CONNECTION, DeployRequest, LocalDeployment, deploy
+from fedge.deploy.launcher import PLAIN_CONNECTION, LocalDeployment
 from fedge.deploy.processes import MARKER_ENV, ManagedProcess
+from fedge.deploy.runs import DeployRequest, deploy
 from fedge.runner import RunRequest, quiet_tick, run
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -10,7 +10,7 @@ from inprocess_helpers import fed_device
 
 from clients.device import Device
 from fedge.contracts import model as nets
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.scenarios import build_scenario
 
 CFG = load_config(

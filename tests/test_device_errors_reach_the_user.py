@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.core.ports import RunFailed
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_devices

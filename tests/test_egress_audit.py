@@ -15,7 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.egress import EGRESS_BLOCKED, egress_violations, make_egress_mod
 from fedge.contracts.wire import to_arrays
-from fedge.privacy.audit import AuditLog, summarise, verify
+from fedge.privacy.anchors import summarise, verify
+from fedge.privacy.audit import AuditLog
 
 WEIGHTS = {"0.weight": np.zeros((4, 2), np.float32), "0.bias": np.zeros(4, np.float32)}
 

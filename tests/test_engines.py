@@ -56,7 +56,7 @@ def test_inprocess_and_flower_simulation_agree(tmp_path: Path) -> None:
 def _run_on_grid(tmp_path: Path, workers: int) -> tuple[dict, list[tuple[str, str, bool]], Path]:
     from clients.client_app import app as client_app
     from clients.client_app import forget_devices
-    from fedge.contracts.config import load_config
+    from fedge.contracts.config_load import load_config
     from fedge.engines.inprocess import InProcessGrid
     from fedge.server.app import run_server
 
@@ -82,7 +82,7 @@ def _run_on_grid(tmp_path: Path, workers: int) -> tuple[dict, list[tuple[str, st
 
 
 def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
-    from fedge.privacy.audit import summarise, verify
+    from fedge.privacy.anchors import summarise, verify
 
     one, crossed_one, devices_one = _run_on_grid(tmp_path / "one", workers=1)
     two, crossed_two, devices_two = _run_on_grid(tmp_path / "two", workers=2)

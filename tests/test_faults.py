@@ -24,10 +24,12 @@ from clients.client_app import app as client_app
 from clients.client_app import forget_devices
 from clients.device import Device
 from clients.store import DeviceStore
-from fedge.contracts.config import FedgeConfig, load_config
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import load_config
 from fedge.core.records import CampaignRecord, TickRecord
 from fedge.core.state import JsonState, state_path
 from fedge.deploy.launcher import LocalDeployment, start_deployment
+from fedge.deploy.runs import save_run_log, stop_run, submit_run, wait_for_run
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_devices
 from fedge.server.app import run_server
@@ -212,7 +214,7 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyRun]:
             "run-dir": str(folder),
             "engine": "deployment",
         }
-        first = dep.submit(run_config)
+        first = submit_run(dep, run_config)
         log = dep.supernode(2).process.log
         _wait_for(
             lambda: log.read_text(errors="replace").count("Receiving: train message") >= 2,
@@ -224,12 +226,12 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyRun]:
             killed_after = kept.get_state("last-tick")
         saved = JsonState(state_path(cfg.output_dir, cfg.model_name))
         _wait_for(lambda: (saved.load() or {}).get("tick") == 2, 300, "the campaign of tick 2")
-        dep.stop_run(first)
+        stop_run(dep, first)
         stopped = saved.load() or {}
-        dep.save_log(first)
+        save_run_log(dep, first)
         dep.restart_supernode(2, 3)
-        again = dep.submit(run_config)
-        status = dep.wait(again, 400, done_file=folder / "summary.json", poll=5.0)
+        again = submit_run(dep, run_config)
+        status = wait_for_run(dep, again, 400, done_file=folder / "summary.json", poll=5.0)
         assert status == "finished:completed", status
         summary = json.loads((folder / "summary.json").read_text())
         yield FaultyRun(dep, cfg, folder, first, killed_after, stopped, summary)

@@ -13,7 +13,7 @@ from inprocess_helpers import fed_device
 from clients.inbox import Inbox, IngestError, inbox_path
 from clients.ingest import main
 from clients.validation import validate_rows
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.scenarios import build_scenario
 from fedge.scenarios.feed import feed_scenario
 

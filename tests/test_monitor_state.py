@@ -29,7 +29,7 @@ from clients.monitor import (
 )
 from clients.store import DeviceStore
 from fedge.contracts import model as nets
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 
 # Non-default arguments that reach more of each detector's state: ADWIN checking every
 # sample with two buckets per row grows many rows; KSWIN starts from a given window; the

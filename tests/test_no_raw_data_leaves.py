@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from inprocess_helpers import run_captured
 
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.contracts.protocol import EGRESS
-from fedge.privacy.audit import summarise, verify
+from fedge.privacy.anchors import summarise, verify
 from fedge.privacy.report import write_report
 from fedge.scenarios import build_scenario
 

@@ -17,10 +17,11 @@ import pytest
 from flwr.app import Message
 from inprocess_helpers import run_captured
 
-from fedge.contracts.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import load_config
 from fedge.engines.inprocess import InProcessGrid
 from fedge.privacy.accounting import PrivacyBudget
-from fedge.privacy.audit import summarise, verify
+from fedge.privacy.anchors import summarise, verify
 from fedge.privacy.report import write_report
 from fedge.tracking import Tracker
 

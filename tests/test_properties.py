@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.validation import validate_rows
-from fedge.contracts.config import ConfigError, from_dict, parse_override
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import from_dict, parse_override
 from fedge.contracts.protocol import REPORT_FIELDS, DriftReport
 
 scalars = st.one_of(

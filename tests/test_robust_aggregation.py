@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_devices

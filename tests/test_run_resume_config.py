@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedge.cli import app
-from fedge.contracts.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import load_config
 from fedge.core.orchestrator import CampaignRecord, TickRecord
 from fedge.runner import CONFIG_FILE, RunRequest, plan_run, run, write_config
 

@@ -16,7 +16,7 @@ from clients.client_app import forget_devices
 from clients.device import Device
 from clients.store import DeviceStore
 from fedge.contracts import model as nets
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.core.records import CampaignRecord, TickRecord
 from fedge.engines.inprocess import InProcessGrid
 from fedge.runner import feed_devices

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from fedge.contracts.config import FedgeConfig, load_config
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import load_config
 
 
 @dataclass

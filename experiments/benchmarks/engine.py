@@ -55,6 +55,7 @@ def _ray(n: int, rounds: int, out: Path) -> tuple[float, dict[str, Any]]:
     folder = out / "run"
     folder.mkdir(parents=True, exist_ok=True)
     run_config = RunRequest(None, overrides, "simulation").run_config(cfg, folder, "simulation")
+    feed_devices(cfg, folder)
     run_flower_simulation(run_config, num_supernodes=n, log_dir=folder)
     import json
 

@@ -134,7 +134,7 @@ class DriftReport:
     audit_entries : int, default 0
         Entries in the device's audit log when the report was made (0: none, or
         a device that does not say); the server keeps them as anchors
-        (:class:`fedge.privacy.audit.AuditAnchors`) to catch a log cut short,
+        (:class:`fedge.privacy.anchors.AuditAnchors`) to catch a log cut short,
         emptied, deleted or rewritten afterwards.
     audit_head_hi, audit_head_lo : int, default 0
         The first 128 bits of the hash of the log's last entry, as two signed

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
-from fedge.contracts.config import FedgeConfig, inside, load_config, split_overrides
+from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import inside, load_config, split_overrides
 
 _CONFIG_CACHE: dict[tuple[str, str, str], FedgeConfig] = {}
 

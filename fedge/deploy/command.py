@@ -67,7 +67,7 @@ def deploy_cmd(
     """
     from fedge.contracts.config import ConfigError
     from fedge.deploy import DeployError
-    from fedge.deploy.launcher import DeployRequest, deploy
+    from fedge.deploy.runs import DeployRequest, deploy
 
     overrides = list(set_ or [])
     if output_dir is not None:

@@ -4,7 +4,7 @@ Built from the run folder (``summary.json``, the devices' audit logs and the
 audit anchors the server recorded) so it can be produced after the fact, on
 the server or by an auditor with a copy of the folder. Every device's log is
 held against what the server saw in its drift reports
-(:func:`fedge.privacy.audit.verify`): a device whose log is missing, shorter
+(:func:`fedge.privacy.anchors.verify`): a device whose log is missing, shorter
 than the server saw, or rewritten is flagged, and so is a device that trained
 a model but left no log.
 
@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from fedge.contracts.protocol import EGRESS
-from fedge.privacy.audit import (
+from fedge.privacy.anchors import (
     AuditAnchors,
     Verdict,
     device_of,
     load_anchors,
-    load_or_create_key,
     seen_by_server,
     summarise,
     verify,
 )
+from fedge.privacy.audit import load_or_create_key
 from fedge.privacy.secagg_protocol import DEVICE_REPLIES as SECAGG_REPLIES
 
 #: The pseudonym secret's file name, in the output folder's state dir.

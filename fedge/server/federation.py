@@ -34,7 +34,7 @@ from fedge.core.ports import (
 )
 from fedge.core.state import state_path
 from fedge.engines.quorum import error_line, missing_by_round
-from fedge.privacy.audit import ANCHORS_FILE, AuditAnchors
+from fedge.privacy.anchors import ANCHORS_FILE, AuditAnchors
 from fedge.privacy.secagg_settings import SecAggError
 from fedge.server.strategy import DeviceGrid, make_strategy
 from strategies.private_campaign import PrivateCampaigns, equal_weights
