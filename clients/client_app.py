@@ -17,6 +17,7 @@ from clients.device import Device
 from clients.egress import make_egress_mod
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.contracts import protocol as p
+from fedge.contracts.signing import ModelSeal
 from fedge.contracts.wire import config_from_context, from_arrays, run_dir, to_arrays
 from fedge.privacy.accounting import LocalDpParams, local_dp_params
 
@@ -101,6 +102,15 @@ def _ticks(config: ConfigRecord, key: str) -> list[int]:
     return [int(t) for t in items]  # type: ignore[arg-type]
 
 
+def _seal(config: ConfigRecord) -> ModelSeal | None:
+    """The seal sent with a model: None when it has none, fields of any form otherwise."""
+    keys = (p.MODEL_SHA256, p.MODEL_SIGNATURE, p.MODEL_SIGNING_KEY)
+    if not any(k in config for k in keys):
+        return None
+    # A field of the wrong form fails verification as malformed, never as an exception.
+    return ModelSeal(*(v if isinstance(v := config.get(k, ""), str) else "" for k in keys))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Monitoring tick: catch up missed ticks, deploy the champion if sent, report drift.
@@ -117,7 +127,10 @@ def query(msg: Message, context: Context) -> Message:
     if p.ARRAYS in msg.content.array_records:
         version = int(_number(config, p.CHAMPION_VERSION))
         family = int(_number(config, p.MODEL_FAMILY)) if p.MODEL_FAMILY in config else None
-        device.deploy(version, from_arrays(msg.content.array_records[p.ARRAYS]), family)
+        # Installed only if its seal verifies; a refused model leaves the device as it was.
+        device.deploy(
+            version, from_arrays(msg.content.array_records[p.ARRAYS]), family, _seal(config)
+        )
     report = device.report_for(tick)
     content = RecordDict({p.REPORT: ConfigRecord(report.to_dict())})
     for slot, late in enumerate(device.backlog(tick)):

@@ -32,6 +32,15 @@ from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
 from fedge.contracts.protocol import MAX_LATE_REPORTS, DriftReport
+from fedge.contracts.signing import (
+    REFUSAL_CODES,
+    ModelSeal,
+    ModelVerifier,
+    SigningKeyError,
+    public_key_path,
+    verify_model,
+    weights_digest,
+)
 from fedge.privacy.audit import anchor_fields, chain_head
 
 log = logging.getLogger("fedge.device")
@@ -44,6 +53,8 @@ FAMILY_KEY = "model-family"
 INBOX_CURSOR_KEY = "inbox-cursor"
 LAST_TICK_KEY = "last-tick"
 LAST_REPORT_KEY = "last-report"
+MODEL_SEAL_KEY = "model-seal"
+MODEL_REFUSED_KEY = "model-refused"
 
 torch.set_num_threads(1)
 
@@ -110,7 +121,9 @@ class Device:
         self.counters: dict[str, int] = json.loads(raw) if raw else {"rejected_total": 0}
         deployed = self.store.get_model()
         self.version = 0
-        if deployed is not None:
+        # The stored model is checked like one from the wire: a store edited behind the
+        # device's back must not decide what it predicts with.
+        if deployed is not None and self._stored_model_verifies(deployed[0], deployed[1]):
             self.version = deployed[0]
             nets.set_weights(self._model, deployed[1])
 
@@ -124,8 +137,23 @@ class Device:
             self._load()
 
     # -- deployment --------------------------------------------------------------------------
-    def deploy(self, version: int, weights: dict[str, np.ndarray], family: int | None = None) -> None:
-        """Install a model; a model of another lineage starts a new error stream.
+    #: The server's model-signing public key, once read (see :meth:`_model_verifier`).
+    _verifier: ModelVerifier | None = None
+    _said_no_key = False
+
+    def deploy(
+        self,
+        version: int,
+        weights: dict[str, np.ndarray],
+        family: int | None = None,
+        seal: ModelSeal | None = None,
+    ) -> bool:
+        """Install a model whose seal verifies; a model of another lineage starts a new error stream.
+
+        A model without a seal, or whose seal does not verify for these weights
+        and this version under the server's public key, is refused: the device
+        keeps its model and version, counts the refusal (its reports carry the
+        count and the last reason) and logs a warning.
 
         Parameters
         ----------
@@ -137,12 +165,27 @@ class Device:
             The cluster the model serves. Given, the detector restarts only when the
             family changes (a retrained model of the same cluster continues the
             stream); omitted, it restarts whenever the version changes.
+        seal : ModelSeal, optional
+            The server's seal of the model (:mod:`fedge.contracts.signing`).
+
+        Returns
+        -------
+        bool
+            Whether the model was installed.
         """
+        reason = verify_model(self._model_verifier(), version, weights, seal)
+        if reason is not None:
+            self._refuse_model(version, reason, "the server")
+            with self.store.transaction():
+                self._persist()
+            return False
+        assert seal is not None  # verified
         nets.set_weights(self._model, weights)
         previous = self.store.get_state(FAMILY_KEY)
         new_family = str(family).encode() if family is not None else None
         with self.store.transaction():
             self.store.put_model(version, weights)
+            self.store.put_state(MODEL_SEAL_KEY, json.dumps(seal.to_dict()).encode())
             if new_family is not None:
                 if previous != new_family:
                     self.monitor.reset()
@@ -151,6 +194,64 @@ class Device:
                 self.monitor.reset()
             self._persist()
         self.version = version
+        return True
+
+    def _model_verifier(self) -> ModelVerifier | None:
+        """The server's public key this device checks models with (None: it has none).
+
+        Read from ``run.model_public_key``, else ``<output>/state/model-signing.pub``;
+        a missing key is looked for again next time (the server may write it later).
+        """
+        if self._verifier is not None:
+            return self._verifier
+        path = public_key_path(self.cfg.output_dir, self.cfg.run.model_public_key)
+        try:
+            self._verifier = ModelVerifier.from_file(path)
+        except SigningKeyError as exc:
+            if not self._said_no_key:
+                log.warning("device %d cannot check models: %s", self.device_id, exc)
+                self._said_no_key = True
+            return None
+        return self._verifier
+
+    def _refuse_model(self, version: int, reason: str, source: str) -> None:
+        """Count a refused model and say why (the caller persists the counters)."""
+        self.counters["models_refused"] = self.counters.get("models_refused", 0) + 1
+        self.counters["last_model_refusal"] = REFUSAL_CODES[reason]
+        log.warning(
+            "device %d refused model v%d from %s (%s); it keeps v%d",
+            self.device_id,
+            version,
+            source,
+            reason,
+            self.version,
+        )
+
+    def _stored_model_verifies(self, version: int, weights: dict[str, np.ndarray]) -> bool:
+        """Whether the model in the store still matches its seal; a refusal is counted once."""
+        raw = self.store.get_state(MODEL_SEAL_KEY)
+        try:
+            seal = ModelSeal.from_dict(json.loads(raw)) if raw else None
+        except (ValueError, TypeError, AttributeError):
+            seal = ModelSeal("", "", "")  # unreadable: refused as malformed
+        reason = verify_model(self._model_verifier(), version, weights, seal)
+        if reason is None:
+            return True
+        # Another process (or a restart) reloads the same store: count this refusal once.
+        marker = f"{version}:{weights_digest(weights).hex()}:{reason}".encode()
+        if self.store.get_state(MODEL_REFUSED_KEY) != marker:
+            self._refuse_model(version, reason, "its store")
+            with self.store.transaction():
+                self.store.put_state(MODEL_REFUSED_KEY, marker)
+                self._persist()
+        return False
+
+    def _refusal_fields(self) -> dict[str, int]:
+        """The report fields saying how many models were refused and why the last one was."""
+        return {
+            "models_refused": self.counters.get("models_refused", 0),
+            "model_refusal": self.counters.get("last_model_refusal", 0),
+        }
 
     # -- monitoring --------------------------------------------------------------------------
     def read_inbox(self, tick: int) -> Batch | None:
@@ -230,6 +331,7 @@ class Device:
                 rejected_wrong_width=rejected["wrong_width"],
                 rejected_unknown_label=rejected["unknown_label"],
                 **self._audit_anchor(),
+                **self._refusal_fields(),
             )
             self._record(report)
             self._persist()
@@ -312,6 +414,7 @@ class Device:
             drifts_total=self.monitor.drifts_total,
             window_size=len(self.store),
             **self._audit_anchor(),
+            **self._refusal_fields(),
         )
 
     def _audit_anchor(self) -> dict[str, int]:

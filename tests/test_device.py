@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from inprocess_helpers import fed_device
+from signing_helpers import deploy_signed, trusting
 
 from clients.device import Device
 from fedge.contracts import model as nets
@@ -35,18 +36,19 @@ def _champion(device: Device) -> dict[str, np.ndarray]:
 
 
 def test_restart_keeps_detector_window_and_model(tmp_path: Path) -> None:
-    twin = fed_device(CFG, 0, tmp_path / "twin.sqlite")
+    cfg, signer = trusting(CFG, tmp_path)
+    twin = fed_device(cfg, 0, tmp_path / "twin.sqlite")
     weights = _champion(twin)
-    twin.deploy(1, weights)
+    deploy_signed(twin, signer, 1, weights)
     expected = [asdict(twin.monitor_tick(t)) for t in range(12)]
 
-    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
-    device.deploy(1, weights)
+    device = fed_device(cfg, 0, tmp_path / "device.sqlite")
+    deploy_signed(device, signer, 1, weights)
     got = [asdict(device.monitor_tick(t)) for t in range(9)]
     window, samples_seen = len(device.store), device.monitor.samples_seen
     device.close()  # the device restarts after the drift at tick 7
 
-    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(cfg, 0, tmp_path / "device.sqlite")
     assert device.version == 1
     assert len(device.store) == window
     assert device.monitor.samples_seen == samples_seen

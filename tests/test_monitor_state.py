@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inprocess_helpers import fed_device
+from signing_helpers import deploy_signed, trusting
 
 from clients.device import MONITOR_KEY
 from clients.monitor import (
@@ -389,12 +390,14 @@ CFG = load_config(
 
 def _device_with_state(tmp_path: Path) -> Path:
     path = tmp_path / "device.sqlite"
-    device = fed_device(CFG, 0, path)
+    cfg, signer = trusting(CFG, tmp_path)
+    device = fed_device(cfg, 0, path)
     model = nets.build_model(
         device.schema.n_features, device.schema.n_classes, CFG.model.hidden, CFG.model.layers
     )
     nets.initial_weights(model, 0)
-    device.deploy(1, nets.get_weights(model))  # a device monitors only a deployed model
+    # A device monitors only a deployed model, and installs only a signed one.
+    deploy_signed(device, signer, 1, nets.get_weights(model))
     for tick in range(2):
         device.monitor_tick(tick)
     assert device.monitor.samples_seen > 0
@@ -422,7 +425,7 @@ def test_device_moves_an_unreadable_detector_aside_and_starts_fresh(
     window = _plant(path, planted)
 
     with caplog.at_level(logging.WARNING, logger="fedge.device"):
-        device = fed_device(CFG, 0, path)
+        device = fed_device(trusting(CFG, tmp_path)[0], 0, path)
 
     try:
         assert not marker.exists()
@@ -440,7 +443,7 @@ def test_device_moves_an_unreadable_detector_aside_and_starts_fresh(
         device.monitor_tick(2)  # the fresh detector is saved on the next tick
     finally:
         device.close()
-    again = fed_device(CFG, 0, path)
+    again = fed_device(trusting(CFG, tmp_path)[0], 0, path)
     try:
         assert again.monitor.samples_seen == device.monitor.samples_seen > 0
         assert not marker.exists()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from inprocess_helpers import fed_device
 from mlflow import MlflowClient
+from signing_helpers import deploy_signed, trusting
 
 from clients.client_app import app as client_app
 from clients.client_app import forget_devices
@@ -38,19 +39,20 @@ def _champion(device: Device) -> dict[str, np.ndarray]:
 
 
 def test_missed_ticks_are_monitored_on_return_and_kept_until_acknowledged(tmp_path: Path) -> None:
-    twin = fed_device(CFG, 0, tmp_path / "twin.sqlite")
+    cfg, signer = trusting(CFG, tmp_path)
+    twin = fed_device(cfg, 0, tmp_path / "twin.sqlite")
     weights = _champion(twin)
-    twin.deploy(1, weights)
+    deploy_signed(twin, signer, 1, weights)
     online = [asdict(twin.report_for(t)) for t in range(8)]
 
-    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
-    device.deploy(1, weights)
+    device = fed_device(cfg, 0, tmp_path / "device.sqlite")
+    deploy_signed(device, signer, 1, weights)
     for t in range(3):
         device.report_for(t)
     device.acknowledge([0, 1, 2])
     device.close()  # unreachable for ticks 3-6, and restarted meanwhile
 
-    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(cfg, 0, tmp_path / "device.sqlite")
     missed = device.catch_up(7)
     current = device.report_for(7)
     backlog = device.backlog(7)
@@ -60,19 +62,20 @@ def test_missed_ticks_are_monitored_on_return_and_kept_until_acknowledged(tmp_pa
     assert any(r.drift for r in backlog), "the drift at tick 4 was seen while unreachable"
 
     device.close()
-    device = fed_device(CFG, 0, tmp_path / "device.sqlite")
+    device = fed_device(cfg, 0, tmp_path / "device.sqlite")
     assert [r.tick for r in device.backlog(8)] == [3, 4, 5, 6, 7], "the outbox survives a restart"
     assert device.acknowledge([3, 4, 5, 6, 7]) == 5
     assert device.backlog(8) == [] and device.store.outbox_size() == 0
 
 
 def test_a_repeated_poll_gets_the_same_report_and_monitors_the_tick_once(tmp_path: Path) -> None:
-    device = fed_device(CFG, 1, tmp_path / "d.sqlite")
-    device.deploy(1, _champion(device))
+    cfg, signer = trusting(CFG, tmp_path)
+    device = fed_device(cfg, 1, tmp_path / "d.sqlite")
+    deploy_signed(device, signer, 1, _champion(device))
     first = device.report_for(0)
     window, seen = len(device.store), device.monitor.samples_seen
     device.close()
-    device = fed_device(CFG, 1, tmp_path / "d.sqlite")
+    device = fed_device(cfg, 1, tmp_path / "d.sqlite")
     assert device.report_for(0) == first, "a restarted server polls tick 0 again"
     assert len(device.store) == window and device.monitor.samples_seen == seen
     device.acknowledge([0])

@@ -291,9 +291,13 @@ class RunConfig:
     as with one. Worth it when devices' training dominates a round (many
     devices, more cores). A worker that dies is not restarted: its devices
     stay unreachable for the rest of the run.
+
+    ``model_public_key`` is the server's model-signing public key a device
+    checks every model with; empty means ``<output_dir>/state/model-signing.pub``.
     """
 
     output_dir: str = "fedge-runs"
+    model_public_key: str = ""
     resume: bool = True
     reply_timeout: float = field(default=600.0, metadata=_between(0.1, 86400.0))
     workers: int = field(default=1, metadata=_between(1, 64))

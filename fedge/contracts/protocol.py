@@ -7,8 +7,8 @@ three message types; each carries named records:
 type       server -> device                        device -> server
 ========== ======================================= ==========================================
 query      ``config`` (tick, champion version),    ``report``: a :class:`DriftReport`
-           ``arrays`` when the device's model is   (flags, counts, summary statistics)
-           stale
+           ``arrays`` when the device's model is   (flags, counts, summary statistics,
+           stale, with its seal in ``config``      models refused)
 train      ``arrays`` (global model), ``config``   ``arrays`` (local model), ``metrics``
            (round, epochs, lr, batch size, mu)     (num-examples, train_loss)
 evaluate   ``arrays`` (candidate), ``config``      ``metrics`` (num-examples, eval_acc,
@@ -65,6 +65,12 @@ SEED = "seed"
 #: campaigns average unweighted, the average the noise is calibrated to).
 EQUAL_WEIGHTS = "equal-weights"
 MODEL_FAMILY = "model-family"
+#: Query config, beside a sent model: its seal (see :mod:`fedge.contracts.signing`), hex
+#: strings. A device installs the model only when the seal verifies for the weights
+#: and ``champion-version``; a model without them is refused.
+MODEL_SHA256 = "model-sha256"
+MODEL_SIGNATURE = "model-signature"
+MODEL_SIGNING_KEY = "model-signing-key"
 #: Query config: ticks of the reports the server received from this device in its
 #: previous reply; the device drops them from its outbox (a list of ints).
 REPORTS_RECEIVED = "reports-received"
@@ -139,6 +145,12 @@ class DriftReport:
     audit_head_hi, audit_head_lo : int, default 0
         The first 128 bits of the hash of the log's last entry, as two signed
         64-bit ints (see :func:`fedge.privacy.audit.anchor_fields`).
+    models_refused : int, default 0
+        Models the device refused to install over its lifetime (seal missing,
+        not matching the weights, or not from the server's key).
+    model_refusal : int, default 0
+        Why the last one was refused, as a code of
+        :data:`fedge.contracts.signing.REFUSAL_CODES` (0: none refused).
     """
 
     device: int
@@ -156,6 +168,8 @@ class DriftReport:
     audit_entries: int = 0
     audit_head_hi: int = 0
     audit_head_lo: int = 0
+    models_refused: int = 0
+    model_refusal: int = 0
 
     @property
     def rejected(self) -> int:

@@ -146,6 +146,7 @@ def run_server(
         summary["late_reports"] = [asdict(r) for r in record.late]
         summary["short_rounds"] = short_rounds
         summary["device_errors"] = dict(federation.errors)
+        summary["model_refusals"] = {str(d): r for d, r in sorted(federation.refusals.items())}
         summary["audit_anchors"] = federation.anchors.to_dict()
         if clusters is not None:
             summary["clusters"] = summarize_history(record.history)

@@ -21,6 +21,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.contracts import protocol as p
 from fedge.contracts.config import FedgeConfig
+from fedge.contracts.signing import (
+    REFUSAL_NAMES,
+    ModelSeal,
+    ModelSigner,
+    server_signer,
+    signing_state_dir,
+)
 from fedge.contracts.wire import from_arrays, to_arrays
 from fedge.core.pool import CHAMPION_ALIAS
 from fedge.core.ports import (
@@ -125,6 +132,10 @@ class FlowerFederation:
         self._polled = False
         #: Devices whose last reply was an error: device or node -> "Type: first line".
         self.errors: dict[str, str] = {}
+        #: Per node, the version its last model-carrying poll offered.
+        self.offered: dict[int, int] = {}
+        #: Per device that refused a model: count, reason, the version offered and kept.
+        self.refusals: dict[int, dict[str, Any]] = {}
         self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
         self.anchors = (
             AuditAnchors.load(self.anchors_path) if self.anchors_path is not None else AuditAnchors()
@@ -185,13 +196,13 @@ class FlowerFederation:
         self, tick: int, deployment: Mapping[int, Deployed], default: Deployed | None
     ) -> list[p.DriftReport]:
         """Query every node; a node whose model is stale gets its model with the query."""
-        encoded: dict[int, ArrayRecord] = {}
+        encoded: dict[int, tuple[ArrayRecord, ModelSeal]] = {}
         device_of = {node: device for device, node in self.node_of.items()}
         messages = []
         for node in self._nodes():
             device = device_of.get(node)
             target = deployment.get(device, default) if device is not None else default
-            config: dict[str, int] = {p.TICK: tick, p.CHAMPION_VERSION: 0}
+            config: dict[str, int | str] = {p.TICK: tick, p.CHAMPION_VERSION: 0}
             content = RecordDict()
             if target is not None:
                 config[p.CHAMPION_VERSION] = target.version
@@ -199,11 +210,47 @@ class FlowerFederation:
                     config[p.MODEL_FAMILY] = target.cluster
                 if self.deployed.get(node) != target.version:
                     if target.version not in encoded:
-                        encoded[target.version] = to_arrays(target.weights)
-                    content[p.ARRAYS] = encoded[target.version]
+                        # Every deployed model carries its seal; a device installs nothing else.
+                        seal = self.signer.seal(target.version, target.weights)
+                        encoded[target.version] = to_arrays(target.weights), seal
+                    arrays, seal = encoded[target.version]
+                    content[p.ARRAYS] = arrays
+                    config[p.MODEL_SHA256] = seal.sha256
+                    config[p.MODEL_SIGNATURE] = seal.signature
+                    config[p.MODEL_SIGNING_KEY] = seal.key
+                    self.offered[node] = target.version
             content[p.CONFIG] = ConfigRecord(dict(config))
             messages.append(Message(content, node, "query", group_id=f"tick-{tick}"))
         return self._collect_reports(tick, messages)
+
+    @property
+    def signer(self) -> ModelSigner:
+        """The server's model-signing key (``<output>/state/model-signing.key``, made on first use)."""
+        return server_signer(signing_state_dir(self.cfg.output_dir))
+
+    def _note_refusal(self, tick: int, node: int, report: p.DriftReport) -> None:
+        """A device says it refused models: keep its count and reason, warn once per offer."""
+        known = self.refusals.get(report.device)
+        # The count is the device's lifetime total: only a rise is a new refusal.
+        if report.models_refused <= (known["refused"] if known else 0):
+            return
+        reason = REFUSAL_NAMES.get(report.model_refusal, f"code {report.model_refusal}")
+        offered = self.offered.get(node, 0)
+        if known is None or (known["reason"], known["version"]) != (reason, offered):
+            log.warning(
+                "tick %d: device %d refused %s (%s); it keeps v%d",
+                tick,
+                report.device,
+                f"model v{offered}" if offered else "the model in its store",
+                reason,
+                report.model_version,
+            )
+        self.refusals[report.device] = {
+            "refused": report.models_refused,
+            "reason": reason,
+            "version": offered,
+            "kept_version": report.model_version,
+        }
 
     def _collect_reports(self, tick: int, messages: list[Message]) -> list[p.DriftReport]:
         """Send the polls, read the reports; a bad reply is logged and skipped, a silent node too.
@@ -239,6 +286,7 @@ class FlowerFederation:
             self.anchors.record_all([report, *late])
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
+            self._note_refusal(tick, node, report)
             self.errors.pop(f"device {report.device}", None)
             # What its previous reply carried may come again (the acknowledgement was lost,
             # or this server restarted before sending it).

@@ -10,8 +10,17 @@ import numpy as np
 
 from fedge.contracts import model as nets
 from fedge.contracts.config import FedgeConfig
+from fedge.contracts.signing import (
+    SHA256_TAG,
+    SIGNATURE_TAG,
+    SIGNED_VERSION_TAG,
+    SIGNING_KEY_TAG,
+    ModelSigner,
+    server_signer,
+    signing_state_dir,
+)
 from fedge.scenarios import Scenario
-from fedge.tracking import Tracker
+from fedge.tracking import Tracker, TrackingError
 
 log = logging.getLogger("fedge.server")
 
@@ -35,6 +44,7 @@ class MlflowRegistry:
         self.scenario = scenario
         x, _ = scenario.batch(0, 0)
         self.input_example = np.nan_to_num(x[:5]).astype(np.float32)
+        self._last = 0
 
     def _model(self, weights: nets.Weights | None = None) -> Any:
         m = nets.build_model(
@@ -46,8 +56,50 @@ class MlflowRegistry:
         return nets.set_weights(m, weights) if weights is not None else m
 
     def register(self, weights: nets.Weights, tags: Mapping[str, str]) -> int:
-        """Register ``weights`` as a new version with its lineage ``tags``."""
-        return self.tracker.register_model(self._model(weights), self.input_example, tags)
+        """Register ``weights`` as a new version with its lineage ``tags`` and its seal.
+
+        The seal (tags ``fedge.model_sha256``, ``fedge.signature``,
+        ``fedge.signing_key``) covers the weights and the version number, which
+        the store hands out only when the version is created: it is signed for
+        the number expected next (tag ``fedge.signed_version``), the one the
+        store gives unless another writer registers in between. Devices never
+        depend on it: every poll seals the model it sends for the version it
+        names (:meth:`fedge.server.federation.FlowerFederation.poll`).
+        """
+        expected = self._next_version()
+        seal = self.signer.seal(expected, weights)
+        sealed = {
+            **tags,
+            SHA256_TAG: seal.sha256,
+            SIGNATURE_TAG: seal.signature,
+            SIGNING_KEY_TAG: seal.key,
+            SIGNED_VERSION_TAG: str(expected),
+        }
+        version = self.tracker.register_model(self._model(weights), self.input_example, sealed)
+        self._last = max(self._last, version)
+        if version != expected:
+            log.warning(
+                "version %d was signed as v%d in its registry tags (another writer registered "
+                "in between); devices still get a seal for v%d",
+                version,
+                expected,
+                version,
+            )
+        return version
+
+    @property
+    def signer(self) -> ModelSigner:
+        """The server's model-signing key (``<output>/state/model-signing.key``)."""
+        return server_signer(signing_state_dir(self.cfg.output_dir))
+
+    def _next_version(self) -> int:
+        """The number the next registration is expected to get: one above the highest known."""
+        highest = self._last
+        try:
+            highest = max([highest, *(int(v["version"]) for v in self.tracker.versions())])
+        except TrackingError:
+            pass  # the store is away: the tracker hands out the number after its own last
+        return highest + 1
 
     def set_alias(self, version: int, alias: str) -> None:
         """Point ``alias`` (``champion``, ``cluster-2``) at ``version``."""
