@@ -166,7 +166,7 @@ def test_shipped_scenario_drifts_on_the_scheduled_devices_at_the_scheduled_tick(
     cfg = load_config(SHIPPED[name])
     scenario = build_scenario(cfg.scenario)
     at = cfg.scenario.schedule["at"]
-    drifted = {c for c, s in [(c, s) for s, c in scenario.schedule.drift_points()] if s == at}
+    drifted = {c for c, s in scenario.schedule.drift_points() if s == at}
     assert drifted and len(drifted) < scenario.n_clients  # some devices, not all
     pre = [scenario.batch(c, t) for c in range(scenario.n_clients) for t in range(at)]
     model = _fit(

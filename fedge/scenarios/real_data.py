@@ -301,9 +301,14 @@ class PartitionedDataset:
         raise NotImplementedError
 
     def _check(self, concept: int, n: int) -> None:
-        from fedge.scenarios.generators import _check_draw
-
-        _check_draw(self, concept, n)  # type: ignore[arg-type]
+        if isinstance(concept, bool) or not isinstance(concept, int | np.integer):
+            raise TypeError(f"generator '{self.name}': concept must be an int, got {concept!r}")
+        if not 0 <= concept < self.n_concepts:
+            raise ValueError(
+                f"generator '{self.name}': concept {concept} is outside 0..{self.n_concepts - 1}"
+            )
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"generator '{self.name}': n must be an int >= 0, got {n!r}")
 
     def sample(
         self, concept: int, n: int, rng: np.random.Generator
