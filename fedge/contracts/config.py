@@ -125,7 +125,10 @@ class ScenarioConfig:
     """Where the devices' data comes from and how it drifts."""
 
     name: str = field(default="sine2-sudden", metadata={"name": True})
-    generator: str = field(default="sine2", metadata=_choice("sine2", "circle2", "sea4", "digits-swap"))
+    generator: str = field(
+        default="sine2",
+        metadata=_choice("sine2", "circle2", "sea4", "digits-swap", "digits-shift", "segment-gain"),
+    )
     seed: int = field(default=0, metadata=_between(0, MAX_SEED))
     clients: int = field(default=6, metadata=_between(1, MAX_CLIENTS))
     ticks: int = field(default=16, metadata=_between(1, MAX_TICKS))

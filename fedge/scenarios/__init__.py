@@ -34,6 +34,7 @@ from fedge.scenarios.generators import (
     Sine2Generator,
     make_generator,
 )
+from fedge.scenarios.real_data import REAL_DATA_GENERATORS, PartitionedDataset
 from fedge.scenarios.schedules import SCHEDULE_KINDS, ConceptSchedule, build_schedule
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "ConceptSchedule",
     "DigitsSwapGenerator",
     "Generator",
+    "PartitionedDataset",
     "Scenario",
     "ScenarioSpec",
     "Sea4Generator",
@@ -147,6 +149,11 @@ class Scenario:
             or not 0.0 <= bad_row_fraction <= 1.0
         ):
             raise ValueError(f"scenario.bad_row_fraction: {bad_row_fraction!r} is outside [0, 1]")
+        if isinstance(generator, PartitionedDataset) and schedule.n_clients > generator.n_clients:
+            raise ValueError(
+                f"scenario: schedule has {schedule.n_clients} clients, generator "
+                f"{generator.name!r} was split across {generator.n_clients}"
+            )
         self.generator = generator
         self.schedule = schedule
         self.seed = seed
@@ -191,7 +198,11 @@ class Scenario:
         """
         concept = self.schedule.concept(step, client)
         rng = np.random.default_rng([self.seed, client, step])
-        x, y = self.generator.sample(concept, self.samples_per_step, rng)
+        if isinstance(self.generator, PartitionedDataset):
+            # A real dataset: the device reads the next rows of its own partition.
+            x, y = self.generator.sample_partition(client, step, concept, self.samples_per_step)
+        else:
+            x, y = self.generator.sample(concept, self.samples_per_step, rng)
         x = np.array(x, dtype=np.float32, copy=True)
         y = np.array(y, dtype=np.int64, copy=True)
         if self.bad_row_fraction > 0.0:
@@ -246,7 +257,9 @@ def build_scenario(spec: ScenarioSpec) -> Scenario:
     Parameters
     ----------
     spec : ScenarioSpec
-        ``generator`` and ``generator_params`` go to :func:`make_generator`;
+        ``generator`` and ``generator_params`` go to :func:`make_generator` (a
+        real-data generator also gets ``n_clients = clients`` and, unless given,
+        ``seed``);
         ``schedule`` is a table with ``kind`` and that kind's options for
         :func:`build_schedule` over ``clients`` clients and ``ticks`` steps;
         ``seed``, ``samples_per_tick`` and ``bad_row_fraction`` go to :class:`Scenario`.
@@ -265,6 +278,14 @@ def build_scenario(spec: ScenarioSpec) -> Scenario:
         If a data file cannot be read.
     """
     generator_params = dict(spec.generator_params)
+    if spec.generator in REAL_DATA_GENERATORS:
+        if "n_clients" in generator_params:
+            raise ValueError(
+                "scenario.generator_params.n_clients: not allowed; the data is split "
+                "across scenario.clients devices"
+            )
+        generator_params["n_clients"] = spec.clients
+        generator_params.setdefault("seed", spec.seed)
     if "source" in generator_params:
         generator_params["source"] = _resolve(generator_params["source"])
     generator = make_generator(spec.generator, **generator_params)

@@ -43,7 +43,16 @@ __all__ = [
     "swap_labels",
 ]
 
-GENERATOR_NAMES: tuple[str, ...] = ("sine2", "circle2", "sea4", "digits-swap")
+GENERATOR_NAMES: tuple[str, ...] = (
+    "sine2",
+    "circle2",
+    "sea4",
+    "digits-swap",
+    "digits-shift",
+    "segment-gain",
+)
+"""Registered generators; ``digits-shift`` and ``segment-gain`` are real datasets
+split across devices (:mod:`fedge.scenarios.real_data`)."""
 
 CIRCLE2_CIRCLES: tuple[tuple[float, float, float], ...] = ((0.2, 0.5, 0.15), (0.6, 0.5, 0.25))
 """Centre x, centre y and radius of the circle for each CIRCLE-2 concept."""
@@ -423,11 +432,24 @@ def _build_sea4(params: dict[str, Any]) -> Generator:
     return Sea4Generator(**params)
 
 
+_REAL_DATA_PARAMS = ("partitioner", "alpha", "seed", "n_clients")
+
+
+def _build_real(name: str, params: dict[str, Any]) -> Generator:
+    # Imported here: the partitioners pull in Hugging Face datasets, which only
+    # the real-data scenarios need.
+    from fedge.scenarios.real_data import REAL_DATA_GENERATORS
+
+    return REAL_DATA_GENERATORS[name](**params)  # type: ignore[return-value]
+
+
 _FACTORIES: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Generator]]] = {
     "sine2": ((), lambda p: Sine2Generator()),
     "circle2": ((), lambda p: Circle2Generator()),
     "sea4": (("noise", "source"), _build_sea4),
     "digits-swap": ((), lambda p: DigitsSwapGenerator()),
+    "digits-shift": (_REAL_DATA_PARAMS, lambda p: _build_real("digits-shift", p)),
+    "segment-gain": (_REAL_DATA_PARAMS, lambda p: _build_real("segment-gain", p)),
 }
 
 
@@ -440,7 +462,10 @@ def make_generator(name: str, **params: Any) -> Generator:
         One of :data:`GENERATOR_NAMES`.
     **params
         Generator options. ``sea4`` takes ``noise`` (float, default 0.1) or
-        ``source`` (directory of FedDrift ``concept{k}.csv`` files); the others take none.
+        ``source`` (directory of FedDrift ``concept{k}.csv`` files); ``digits-shift``
+        and ``segment-gain`` take ``partitioner`` ("iid" or "dirichlet"), ``alpha``
+        (Dirichlet concentration), ``seed`` and ``n_clients`` (set from the scenario
+        by :func:`fedge.scenarios.build_scenario`); the others take none.
 
     Returns
     -------
