@@ -25,7 +25,7 @@ from signing_helpers import deploy_signed, trusting
 from clients.store import DeviceStore
 from fedge.contracts import model as nets
 from fedge.contracts import protocol as p
-from fedge.contracts.config import load_config
+from fedge.contracts.config_load import load_config
 from fedge.contracts.signing import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedge.contracts.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import load_config
 from fedge.scenarios import build_scenario, make_generator
 from fedge.scenarios.real_data import (
     REAL_DATA_GENERATORS,
