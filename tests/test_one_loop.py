@@ -142,7 +142,7 @@ def test_clustered_policy_runs_on_flower_simulation_with_the_in_process_numbers(
     for engine in ("inprocess", "simulation"):
         out = tmp_path / engine
         out.mkdir()
-        overrides = tuple(_overrides(out, "scenario.ticks=6"))
+        overrides = tuple(_overrides(out))
         results[engine] = run(RunRequest(None, overrides, engine), on_tick=quiet_tick)
     ours, flower = results["inprocess"], results["simulation"]
     assert flower["engine"] == "simulation"
