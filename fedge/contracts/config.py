@@ -17,7 +17,7 @@ The file layout mirrors the dataclasses below::
     [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
-    [model]               hidden, layers
+    [model]               task, hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume, reply_timeout, workers
 
@@ -334,8 +334,13 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The feed-forward classifier trained on the devices."""
+    """The model the devices train: a task module (see :mod:`fedge.contracts.task`) or fedge's MLP.
 
+    ``task`` is an import path (``"mypkg.task"``), importable on every device;
+    empty means fedge's feed-forward classifier of ``hidden`` x ``layers``.
+    """
+
+    task: str = ""
     hidden: int = field(default=32, metadata=_between(1, MAX_HIDDEN))
     layers: int = field(default=2, metadata=_between(1, 8))
 
@@ -570,9 +575,15 @@ def _check_components(cfg: FedgeConfig) -> None:
     except (ValueError, TypeError, OverflowError) as exc:
         raise ConfigError(_one_line(exc)) from None
     try:
-        build_scenario(cfg.scenario)
+        scenario = build_scenario(cfg.scenario)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         raise ConfigError(_one_line(exc)[:300]) from None
+    from fedge.contracts.task import TaskError, check_task, task_for
+
+    try:
+        check_task(task_for(cfg), scenario.n_features, scenario.n_classes)
+    except TaskError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.trigger.quorum >= 1 and cfg.trigger.quorum != int(cfg.trigger.quorum):
         raise ConfigError(
             f"trigger.quorum: {cfg.trigger.quorum!r} is neither a fraction below 1 "
