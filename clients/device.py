@@ -41,6 +41,7 @@ from fedge.contracts.signing import (
     verify_model,
     weights_digest,
 )
+from fedge.contracts.task import task_for
 from fedge.privacy.audit import anchor_fields, chain_head
 
 log = logging.getLogger("fedge.device")
@@ -95,9 +96,16 @@ class Device:
             audit_path if audit_path is not None else Path(store_path).with_suffix(".audit.jsonl")
         )
         self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
-        self._model = nets.build_model(
-            self.schema.n_features, self.schema.n_classes, cfg.model.hidden, cfg.model.layers
-        )
+        # The task (``model.task``) is imported here, in the device's own process.
+        self.task = task_for(cfg)
+        width = self.task.n_features(self.schema.n_features)
+        if width != self.schema.n_features:
+            raise ValueError(
+                f"device {device_id}: the task's input shape "
+                f"{self.task.input_shape(width)} needs rows of {width} features; "
+                f"the inbox holds rows of {self.schema.n_features}"
+            )
+        self._model = self._build()
         self._generation: bytes | None = None
         self._said_no_data = False
         self._load()
@@ -303,7 +311,9 @@ class Device:
             rejected = {k: v + ingested.rejected.get(k, 0) for k, v in rejected.items()}
         n_errors, drift, n_drifts = 0, False, 0
         if self.version > 0 and len(rows.y):
-            errors = (nets.predict(self._model, rows.x) != rows.y).astype(np.int8)
+            errors = self.task.errors(
+                self._model, self._shaped(rows.x), rows.y, self._tolerance(rows.y)
+            )
             n_errors = int(errors.sum())
             update = self.monitor.update(errors)
             drift, n_drifts = update.drift, update.n_drifts
@@ -476,32 +486,53 @@ class Device:
         """Train the given global model on the window; returns weights, examples, loss."""
         x, y, _, _ = self._split()
         model = self._model_with(weights)
-        loss = nets.train(
-            model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        loss = self.task.train(
+            model, self._shaped(x), y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
             proximal_mu=proximal_mu,
         )
         return nets.get_weights(model), len(y), loss
 
-    def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
-        """A fresh network of this run's architecture holding ``weights``."""
-        model = nets.build_model(
-            self.schema.n_features,
-            self.schema.n_classes,
-            self.cfg.model.hidden,
-            self.cfg.model.layers,
+    def _build(self) -> torch.nn.Module:
+        """A fresh model of this run's task, sized for this device's rows."""
+        return self.task.build(
+            self.schema.n_features, self.task.n_outputs(self.schema.n_classes)
         )
-        return nets.set_weights(model, weights)
+
+    def _shaped(self, x: np.ndarray) -> np.ndarray:
+        """Flat inbox rows reshaped to the task's input shape (e.g. ``(n, 1, 8, 8)``)."""
+        return self.task.shaped(x, self.schema.n_features)
+
+    def _tolerance(self, fallback: np.ndarray | None = None) -> float:
+        """Regression: the task's tolerance, by default half the std of the window's labels.
+
+        A classifier has none (0). An empty window falls back to ``fallback``'s labels.
+        """
+        if not self.task.regression:
+            return 0.0
+        if self.task.declares_tolerance:
+            return self.task.tolerance(np.zeros(0))
+        _, y, _ = self.store.window()
+        if not len(y) and fallback is not None:
+            y = fallback
+        return self.task.tolerance(y)
+
+    def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+        """A fresh network of this run's task holding ``weights``."""
+        return nets.set_weights(self._build(), weights)
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, int | float]:
         """Candidate and deployed champion on the held-out part of the window."""
         _, _, xh, yh = self._split()
         model = self._model_with(weights)
-        acc, loss = nets.evaluate(model, xh, yh)
-        champ = nets.evaluate(self._model, xh, yh)[0] if self.version > 0 else 0.0
+        xs, tol = self._shaped(xh), self._tolerance()
+        acc, loss = self.task.evaluate(model, xs, yh, tol)
+        champ = self.task.evaluate(self._model, xs, yh, tol)[0] if self.version > 0 else 0.0
         return {"num-examples": len(yh), "eval_acc": acc, "eval_loss": loss, "champion_acc": champ}
 
     def score(self, models: Sequence[dict[str, np.ndarray]]) -> tuple[int, list[int]]:
         """How many of the latest tick's samples each of ``models`` gets right.
+
+        For a regression task, right means within the task's tolerance.
 
         Returns
         -------
@@ -512,16 +543,12 @@ class Device:
         if len(y):
             latest = ticks == ticks.max()
             x, y = x[latest], y[latest]
-        model = nets.build_model(
-            self.schema.n_features,
-            self.schema.n_classes,
-            self.cfg.model.hidden,
-            self.cfg.model.layers,
-        )
+        model = self._build()
+        xs, tol = self._shaped(x), self._tolerance()
         correct = []
         for weights in models:
             nets.set_weights(model, weights)
-            correct.append(int((nets.predict(model, x) == y).sum()))
+            correct.append(int(len(y) - self.task.errors(model, xs, y, tol).sum()))
         return len(y), correct
 
     def encode_upload(

@@ -24,7 +24,7 @@ The file layout mirrors the dataclasses below::
     [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
-    [model]               hidden, layers
+    [model]               task, hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume, reply_timeout, workers
 
@@ -262,8 +262,13 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The feed-forward classifier trained on the devices."""
+    """The model the devices train: a task module (see :mod:`fedge.contracts.task`) or fedge's MLP.
 
+    ``task`` is an import path (``"mypkg.task"``), importable on every device;
+    empty means fedge's feed-forward classifier of ``hidden`` x ``layers``.
+    """
+
+    task: str = ""
     hidden: int = field(default=32, metadata=_between(1, MAX_HIDDEN))
     layers: int = field(default=2, metadata=_between(1, 8))
 

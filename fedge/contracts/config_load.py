@@ -274,9 +274,16 @@ def _check_components(cfg: FedgeConfig) -> None:
     except (ValueError, TypeError, OverflowError) as exc:
         raise ConfigError(_one_line(exc)) from None
     try:
-        build_scenario(cfg.scenario)
+        scenario = build_scenario(cfg.scenario)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         raise ConfigError(_one_line(exc)[:300]) from None
+    if cfg.model.task:  # a user's task module is imported and its model tried on its input shape
+        from fedge.contracts.task import TaskError, check_task, task_for
+
+        try:
+            check_task(task_for(cfg), scenario.n_features, scenario.n_classes)
+        except TaskError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.trigger.quorum >= 1 and cfg.trigger.quorum != int(cfg.trigger.quorum):
         raise ConfigError(
             f"trigger.quorum: {cfg.trigger.quorum!r} is neither a fraction below 1 "

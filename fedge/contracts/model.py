@@ -1,4 +1,8 @@
-"""The classifier every device trains: a small feed-forward network in PyTorch."""
+"""fedge's default task: a small feed-forward classifier in PyTorch, and weight helpers.
+
+A run with ``model.task`` set trains the user's model instead (see
+:mod:`fedge.contracts.task`); the weight helpers below serve every task.
+"""
 
 from __future__ import annotations
 
@@ -35,14 +39,20 @@ def build_model(n_features: int, n_classes: int, hidden: int = 32, layers: int =
 
 
 def initial_weights(model: nn.Module, seed: int) -> Weights:
-    """Seeded initial weights, the same on every machine."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    """Seeded initial weights, the same on every machine, for every layer type.
+
+    Each submodule's own ``reset_parameters`` (linear, convolution, normalisation,
+    recurrent, embedding layers ...) runs under ``torch.manual_seed(seed)`` inside
+    a fork of the RNG state, so the caller's random stream is left as it was.
+    A model whose parameters are made elsewhere is better built under the seed
+    (:meth:`fedge.contracts.task.Task.initial_weights`).
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
         for module in model.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / np.sqrt(module.in_features)
-                module.weight.uniform_(-bound, bound, generator=gen)
-                module.bias.uniform_(-bound, bound, generator=gen)
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
     return get_weights(model)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.contracts import model as nets
 from fedge.contracts.config import FedgeConfig
+from fedge.contracts.task import task_for
 from fedge.contracts.wire import config_from_context, run_dir
 from fedge.core.clustering import DriftClustering
 from fedge.core.orchestrator import Orchestrator, TickCallback
@@ -91,6 +91,7 @@ def run_server(
     # Every wait for devices is bounded by run.reply_timeout; rounds need campaign.min_devices.
     grid = ReplyQuorum(grid, cfg.campaign.min_devices, cfg.run.reply_timeout, on_short)
     clusters = cluster_policy if cluster_policy is not None else cluster_policy_for(cfg)
+    task = task_for(cfg)
     try:
         # The privacy account belongs to the devices' data, not to one process or
         # model: a restarted (or --fresh) server replays each lineage's DP campaigns.
@@ -112,10 +113,10 @@ def run_server(
                 cooldown=cfg.trigger.cooldown,
                 period=cfg.trigger.period,
             ),
-            nets.initial_weights(
-                nets.build_model(
-                    scenario.n_features, scenario.n_classes, cfg.model.hidden, cfg.model.layers
-                ),
+            # The task's own initialisation under the run's seed, for every layer type.
+            task.initial_weights(
+                task.n_features(scenario.n_features),
+                task.n_outputs(scenario.n_classes),
                 cfg.scenario.seed,
             ),
             clusters=clusters,

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedge.contracts import model as nets
 from fedge.contracts.config import FedgeConfig
@@ -19,6 +20,7 @@ from fedge.contracts.signing import (
     server_signer,
     signing_state_dir,
 )
+from fedge.contracts.task import task_for
 from fedge.scenarios import Scenario
 from fedge.tracking import Tracker, TrackingError
 
@@ -33,32 +35,46 @@ class MlflowRegistry:
     tracker : Tracker
         The run's tracker (it owns the MLflow client and the outbox).
     scenario : Scenario
-        Gives the model's input shape and an input example for the signature.
+        Gives the row width and classes the task does not declare, and the rows of
+        the input example.
     cfg : FedgeConfig
-        The run configuration (model section).
+        The run configuration (model section: the task).
+
+    Notes
+    -----
+    The registered model is the task's own module (the user's class, saved in
+    MLflow's PyTorch flavour); its signature and input example have the task's
+    input shape and dtype, ``(5, *INPUT_SHAPE)``: scenario rows reshaped when
+    their width matches, zeros otherwise.
     """
 
     def __init__(self, tracker: Tracker, scenario: Scenario, cfg: FedgeConfig) -> None:
         self.tracker = tracker
         self.cfg = cfg
         self.scenario = scenario
+        self.task = task_for(cfg)
+        self.n_features = self.task.n_features(scenario.n_features)
+        self.n_outputs = self.task.n_outputs(scenario.n_classes)
+        shape = self.task.input_shape(self.n_features)
+        dtype = torch.empty(0, dtype=self.task.dtype).numpy().dtype
         x, _ = scenario.batch(0, 0)
-        self.input_example = np.nan_to_num(x[:5]).astype(np.float32)
+        if x.shape[1] == self.n_features and len(x):
+            example = np.nan_to_num(x[:5]).reshape((-1, *shape))
+        else:
+            example = np.zeros((5, *shape))
+        self.input_example = example.astype(dtype)
         self._last = 0
 
     def _model(self, weights: nets.Weights | None = None) -> Any:
-        m = nets.build_model(
-            self.scenario.n_features,
-            self.scenario.n_classes,
-            self.cfg.model.hidden,
-            self.cfg.model.layers,
-        )
+        m = self.task.build(self.n_features, self.n_outputs)
         return nets.set_weights(m, weights) if weights is not None else m
 
     def register(self, weights: nets.Weights, tags: Mapping[str, str]) -> int:
         """Register ``weights`` as a new version with its lineage ``tags`` and its seal.
 
-        The seal (tags ``fedge.model_sha256``, ``fedge.signature``,
+        The version is also tagged with the task (``fedge.task``, empty for fedge's
+        MLP) and the model's class (``fedge.model_class``), so whoever loads it knows
+        which class its state dict belongs to. The seal (tags ``fedge.model_sha256``, ``fedge.signature``,
         ``fedge.signing_key``) covers the weights and the version number, which
         the store hands out only when the version is created: it is signed for
         the number expected next (tag ``fedge.signed_version``), the one the
@@ -68,14 +84,18 @@ class MlflowRegistry:
         """
         expected = self._next_version()
         seal = self.signer.seal(expected, weights)
+        model = self._model(weights)
+        cls = type(model)
         sealed = {
             **tags,
+            "fedge.task": self.task.name,
+            "fedge.model_class": f"{cls.__module__}.{cls.__qualname__}",
             SHA256_TAG: seal.sha256,
             SIGNATURE_TAG: seal.signature,
             SIGNING_KEY_TAG: seal.key,
             SIGNED_VERSION_TAG: str(expected),
         }
-        version = self.tracker.register_model(self._model(weights), self.input_example, sealed)
+        version = self.tracker.register_model(model, self.input_example, sealed)
         self._last = max(self._last, version)
         if version != expected:
             log.warning(

@@ -1,0 +1,3 @@
+"""A task module without a model factory."""
+
+INPUT_SHAPE = (64,)
