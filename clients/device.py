@@ -523,6 +523,9 @@ class Device:
     def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, int | float]:
         """Candidate and deployed champion on the held-out part of the window."""
         _, _, xh, yh = self._split()
+        if len(yh) == 0:
+            # Nothing held out yet: weight 0, so the federated average leaves this device out.
+            return {"num-examples": 0, "eval_acc": 0.0, "eval_loss": 0.0, "champion_acc": 0.0}
         model = self._model_with(weights)
         xs, tol = self._shaped(xh), self._tolerance()
         acc, loss = self.task.evaluate(model, xs, yh, tol)

@@ -97,3 +97,30 @@ def test_a_device_that_errors_in_a_round_is_reported_as_an_error_not_a_timeout(
     assert summary["versions"], "the campaign completed with the two healthy devices"
     assert np.isfinite(summary["campaigns"][0]["candidate_acc"])
 
+
+
+def test_a_device_with_nothing_held_out_is_left_out_of_the_averages_not_made_nan(
+    tmp_path: Path,
+) -> None:
+    from clients.inbox import Inbox, inbox_path
+
+    overrides = [f'run.output_dir="{tmp_path}"', *SMALL]
+    cfg = load_config(None, overrides)
+    folder = tmp_path / "run"
+    feed_devices(cfg, folder)
+    # Device 2's application has delivered nothing yet: an empty inbox of the same schema.
+    empty = inbox_path(folder / "devices" / "device-2.sqlite")
+    empty.unlink()
+    Inbox(empty, n_features=2, n_classes=2).close()
+    run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
+    grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
+    try:
+        summary = run_server(grid, cfg, folder, on_tick=lambda *_: None)
+    finally:
+        grid.close()
+        forget_devices()
+    first = summary["campaigns"][0]
+    assert np.isfinite(first["candidate_acc"]) and first["candidate_acc"] > 0.5
+    assert summary["unevaluated"]["0"] == [2], "the summary says who was left out"
+    tags = summary["versions"][0]["tags"]
+    assert tags["fedge.unevaluated_devices"] == "2"

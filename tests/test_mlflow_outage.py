@@ -22,7 +22,6 @@ from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, free_port
 
 from fedge.core.records import CampaignRecord, TickRecord
-from fedge.outbox import OUTBOX_DIR, Outbox
 from fedge.runner import RunRequest, run
 from fedge.tracking import (
     ENTRY_TAG,
@@ -32,6 +31,7 @@ from fedge.tracking import (
     list_model_versions,
     sync_outboxes,
 )
+from fedge.tracking.outbox import OUTBOX_DIR, Outbox
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TICKS = 10
@@ -303,7 +303,7 @@ def test_a_crash_between_creating_a_version_and_marking_it_done_does_not_double_
     child = f"""
 import os, sys
 import numpy as np, torch
-from fedge.outbox import Outbox
+from fedge.tracking.outbox import Outbox
 from fedge.tracking import Tracker
 
 done = Outbox.mark_done

@@ -19,7 +19,8 @@ from torch import nn
 
 from clients.inbox import Inbox, inbox_path
 from fedge.contracts import model as nets
-from fedge.contracts.config import ConfigError, load_config
+from fedge.contracts.config import ConfigError
+from fedge.contracts.config_load import load_config
 from fedge.runner import RunRequest, quiet_tick, run
 
 TASKS = Path(__file__).resolve().parent / "tasks"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedge.outbox import OUTBOX_DIR, Outbox, OutboxBusy, OutboxError, find_outboxes
+from fedge.tracking.outbox import OUTBOX_DIR, Outbox, OutboxBusy, OutboxError, find_outboxes
 
 
 def test_entries_survive_a_killed_writer_in_order_with_their_files(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_entries_survive_a_killed_writer_in_order_with_their_files(tmp_path: Pat
     child = f"""
 import os
 from pathlib import Path
-from fedge.outbox import Outbox
+from fedge.tracking.outbox import Outbox
 box = Outbox(Path({str(folder)!r}))
 box.append("metrics", {{"run_id": "r", "metrics": [["acc", 0.5, 1, 0]]}})
 uid = box.new_uid()

@@ -86,9 +86,18 @@ class ReplyQuorum(GridView):
         self.on_short = on_short
         #: Every short round so far, in order.
         self.shorts: list[ShortRound] = []
+        #: Per tick, the nodes that had nothing to evaluate (left out of the averages).
+        self.unevaluated: dict[int, set[int]] = {}
 
     def __repr__(self) -> str:
         return f"ReplyQuorum(min_devices={self.min_devices}, timeout={self.timeout})"
+
+    def _note_unevaluated(self, request: Message, replies: Iterable[Message]) -> None:
+        empty = {
+            r.metadata.src_node_id for r in replies if not r.has_error() and _examples(r) == 0
+        }
+        if empty:
+            self.unevaluated.setdefault(_config_int(request, p.TICK), set()).update(empty)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -100,6 +109,8 @@ class ReplyQuorum(GridView):
         if len(kinds) != 1 or not kinds <= set(ROUND_TYPES):
             return replies
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        if kinds == {MessageType.EVALUATE}:
+            self._note_unevaluated(sent[0], replies)
         if len(ok) >= len(sent):
             return replies
         failed = tuple(
@@ -137,6 +148,12 @@ def missing_by_round(grid: Grid, tick: int, kind: str = MessageType.TRAIN) -> di
         if short.tick == tick and short.kind == kind:
             out.setdefault(short.round, set()).update(short.missing_nodes)
     return out
+
+
+def _examples(reply: Message) -> int | None:
+    metrics = reply.content.metric_records.get(p.METRICS) if reply.has_content() else None
+    value = metrics.get(p.NUM_EXAMPLES) if metrics is not None else None
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def error_line(reply: Message, limit: int = 300) -> str:

@@ -147,6 +147,11 @@ def run_server(
         summary["late_reports"] = [asdict(r) for r in record.late]
         summary["short_rounds"] = short_rounds
         summary["device_errors"] = dict(federation.errors)
+        device_of = {node: device for device, node in federation.node_of.items()}
+        summary["unevaluated"] = {
+            str(tick): sorted(device_of.get(n, n) for n in nodes)
+            for tick, nodes in sorted(grid.unevaluated.items())
+        }
         summary["model_refusals"] = {str(d): r for d, r in sorted(federation.refusals.items())}
         summary["audit_anchors"] = federation.anchors.to_dict()
         if clusters is not None:

@@ -434,11 +434,22 @@ class FlowerFederation:
             for r in range(1, rounds + 1)
         )
         absent = set(nodes).intersection(*(missing.get(r, set()) for r in range(1, rounds + 1)))
+        tags = dict(evidence.tags)
+        empty = sorted(set(nodes) & set(getattr(self.grid, "unevaluated", {}).get(tick, set())))
+        if empty:
+            device_of = {node: device for device, node in self.node_of.items()}
+            left_out = ",".join(str(device_of.get(n, n)) for n in empty)
+            tags["fedge.unevaluated_devices"] = left_out
+            log.info(
+                "tick %d: device(s) %s had nothing held out to evaluate; left out of the averages",
+                tick,
+                left_out,
+            )
         return CampaignOutcome(
             from_arrays(result.arrays),
             metrics,
             len(nodes) - len(absent),
-            evidence.tags,
+            tags,
             evidence.metrics,
         )
 
