@@ -140,16 +140,24 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local training pass over the device's window, starting from the global model."""
+    """One local training pass over the device's window, starting from the global model.
+
+    fedge's ServerApp sends every setting; a stock Flower strategy sends only the
+    round (and what its ``train_config`` holds), so the others default to the
+    run configuration's ``[campaign]`` values.
+    """
     device = device_for(context)
-    config = msg.content.config_records[p.CONFIG]
-    seed = int(_number(config, p.SEED)) * 7919 + int(_number(config, p.ROUND))
+    config = msg.content.config_records.get(p.CONFIG) or ConfigRecord()
+    c = device.cfg.campaign
+    seed = int(_number(config, p.SEED, device.cfg.scenario.seed)) * 7919 + int(
+        _number(config, p.ROUND, 0)
+    )
     start = from_arrays(msg.content.array_records[p.ARRAYS])
     weights, n, loss = device.train(
         start,
-        epochs=int(_number(config, p.LOCAL_EPOCHS)),
-        lr=_number(config, p.LR),
-        batch_size=int(_number(config, p.BATCH_SIZE)),
+        epochs=int(_number(config, p.LOCAL_EPOCHS, c.local_epochs)),
+        lr=_number(config, p.LR, c.lr),
+        batch_size=int(_number(config, p.BATCH_SIZE, c.batch_size)),
         seed=seed + device.device_id * 104729,
         proximal_mu=_number(config, p.PROXIMAL_MU, 0.0),
     )

@@ -72,8 +72,9 @@ def _first_poll_failure(errors: Mapping[str, str]) -> str:
     if all(_NO_HANDLER in r for r in reasons):
         return (
             f"the ClientApp on {who} has no `query` handler ({reasons[0]}): it is not a fedge "
-            "ClientApp; run `clients.client_app:app` on the devices, or add fedge's monitoring "
-            "to your own ClientApp with `clients.wrap.monitored` (docs/bring-your-own.md)"
+            "ClientApp, and fedge's drift monitoring answers that message; run "
+            "`clients.client_app:app` on the devices (your own model as a task module: "
+            "docs/tasks.md)"
         )
     return f"every device failed on the first poll: {who}: {reasons[0]}" + (
         f" (and {len(reasons) - 1} other errors)" if len(reasons) > 1 else ""
