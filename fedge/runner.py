@@ -194,6 +194,11 @@ def run(
     # The output folder holds the registry and the state even when the run folder
     # is elsewhere (``--run-dir``); it is created here, after every check passed.
     cfg.output_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if cfg.tracking.uri:
+        # A store fedge cannot use is refused before the run folder is made.
+        from fedge.tracking import check_tracking_uri
+
+        check_tracking_uri(cfg.tracking.uri)
     if not plan.resumed:
         write_config(cfg, folder)
     # Both apps read the stored file; a resumed run adds only the keys it may change.

@@ -31,12 +31,25 @@ from fedge.engines.quorum import ReplyQuorum, ShortRound
 from fedge.scenarios import build_scenario
 from fedge.server.federation import FlowerFederation
 from fedge.server.registry import MlflowRegistry
-from fedge.server.summary import build_summary, log_tick, plot_run
+from fedge.server.summary import TickHistory, build_summary, log_tick, plot_run
 from fedge.tracking import OUTBOX_DIR, Tracker, default_tracking_uri
 
 log = logging.getLogger("fedge.server")
 
 app = ServerApp()
+
+
+#: The MLflow run a run folder last used (a resumed run closes and links it).
+MLFLOW_RUN_FILE = "mlflow-run.json"
+#: Every finished tick and its campaigns, one JSON line each (the summary covers a resumed run whole).
+TICKS_FILE = "ticks.jsonl"
+
+
+def _earlier_mlflow_run(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / MLFLOW_RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def cluster_policy_for(cfg: FedgeConfig) -> ClusterPolicy | None:
@@ -77,10 +90,17 @@ def run_server(
         outbox=folder / OUTBOX_DIR,
         sync_root=cfg.output_dir,
     )
-    tracker.start(
-        cfg.flat(),
-        tags={"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine},
-    )
+    earlier = _earlier_mlflow_run(folder)
+    run_tags = {"fedge.scenario": cfg.scenario.name, "fedge.run_dir": str(folder), "fedge.engine": engine}
+    if earlier:
+        run_tags["fedge.resumed_from_run"] = earlier
+    tracker.start(cfg.flat(), tags=run_tags)
+    (folder / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": tracker.run_id}))
+    if earlier and earlier != tracker.run_id:
+        # The process that ran this folder before was killed: its MLflow run says so now.
+        tracker.end_earlier_run(earlier, "KILLED")
+        log.info("MLflow run %s of this run folder was left open; marked KILLED", earlier)
+    history = TickHistory(folder / TICKS_FILE)
     status = "FAILED"
     short_rounds: list[dict[str, Any]] = []
 
@@ -127,7 +147,7 @@ def run_server(
             strategy=cfg.campaign.strategy,
             resume=cfg.run.resume,
             warm_start=cfg.campaign.warm_start,
-            on_tick=on_tick or log_tick,
+            on_tick=history.recorder(on_tick or log_tick, lambda: orch.record),
             state=JsonState(state_path(cfg.output_dir, cfg.model_name)),
             run_id=str(folder),
         )
@@ -139,7 +159,7 @@ def run_server(
                 f"no device reported in any tick; {who} answered with errors, e.g. "
                 f"{next(iter(sorted(set(federation.errors.values()))))}"
             )
-        summary = build_summary(cfg, record, scenario, tracker, uri, folder, engine)
+        summary = build_summary(cfg, history.whole(record), scenario, tracker, uri, folder, engine)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.model_rounds
         summary["resumed_at"] = record.resumed_at

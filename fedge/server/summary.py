@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,61 @@ def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path 
     return path
 
 
+class TickHistory:
+    """The ticks a run folder has finished, kept across the processes that ran it.
+
+    Each finished tick is appended to a JSON-lines file with its campaigns; a run
+    resumed after a kill reads the earlier ticks back, so its summary covers the
+    whole run, not only what the last process did.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def recorder(
+        self,
+        then: Callable[[TickRecord, CampaignRecord | None], None],
+        record: Callable[[], RunRecord],
+    ) -> Callable[[TickRecord, CampaignRecord | None], None]:
+        """An ``on_tick`` callback that appends the tick, then calls ``then``."""
+
+        def on_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
+            campaigns = [asdict(c) for c in record().campaigns if c.tick == rec.tick]
+            line = json.dumps({"tick": asdict(rec), "campaigns": campaigns})
+            with self.path.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+            then(rec, campaign)
+
+        return on_tick
+
+    def whole(self, record: RunRecord) -> RunRecord:
+        """``record`` with the ticks earlier processes finished before it (by tick number)."""
+        first = min((t.tick for t in record.ticks), default=None)
+        earlier_ticks: list[TickRecord] = []
+        earlier_campaigns: list[CampaignRecord] = []
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return record
+        seen: set[int] = set()
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                tick = TickRecord(**{**entry["tick"], "drifted": tuple(entry["tick"]["drifted"])})
+                campaigns = [
+                    CampaignRecord(**{**c, "devices": tuple(c["devices"])}) for c in entry["campaigns"]
+                ]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the kill
+            if (first is not None and tick.tick >= first) or tick.tick in seen:
+                continue
+            seen.add(tick.tick)
+            earlier_ticks.append(tick)
+            earlier_campaigns += campaigns
+        if not earlier_ticks:
+            return record
+        return replace(
+            record,
+            ticks=[*earlier_ticks, *record.ticks],
+            campaigns=[*earlier_campaigns, *record.campaigns],
+        )

@@ -209,6 +209,18 @@ def _translate(uri: str, action: str) -> Iterator[None]:
         raise TrackingError(message) from None
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, in one line (:class:`TrackingError`), a tracking URI fedge cannot use.
+
+    A remote server that does not answer now is no error (the run buffers its
+    writes in its outbox); an empty URI, an in-memory SQLite store or a SQLite
+    file in a folder that does not exist is.
+    """
+    if uri.startswith(("http://", "https://")):
+        return
+    _check_uri(uri)
+
+
 def _check_uri(uri: str) -> None:
     """Reject URIs that MLflow would accept but fedge cannot use."""
     if not uri or not uri.strip():

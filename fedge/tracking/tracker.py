@@ -440,6 +440,15 @@ class Tracker(ModelRegistry):
         if self._link is not None:
             self._link.close()
 
+    def end_earlier_run(self, run_id: str, status: str = "KILLED") -> None:
+        """Close a run of the same run folder that a killed process left open.
+
+        Written like any other write (through the outbox while the server is away).
+        """
+        if status not in _END_STATUSES or run_id == self.run_id:
+            return
+        self._write("end", {"run_id": run_id, "status": status}, f"closing the earlier run {run_id}")
+
     def sync_state(self) -> dict[str, Any]:
         """Where this run's tracking writes are: in the store, or waiting in the outbox.
 
