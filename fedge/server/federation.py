@@ -137,6 +137,10 @@ class FlowerFederation:
         self.offered: dict[int, int] = {}
         #: Per device that refused a model: count, reason, the version offered and kept.
         self.refusals: dict[int, dict[str, Any]] = {}
+        if not families:
+            # One model: its lineage's account is replayed now, so a run that trains
+            # nothing still reports what the lineage has spent.
+            self.privacy_for(CHAMPION_ALIAS)
         self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
         self.anchors = (
             AuditAnchors.load(self.anchors_path) if self.anchors_path is not None else AuditAnchors()
