@@ -274,9 +274,18 @@ class Device:
             return None
         raw = self.store.get_state(INBOX_CURSOR_KEY)
         with Inbox(
-            path, n_features=self.schema.n_features, n_classes=self.schema.n_classes
+            path,
+            n_features=self.schema.n_features,
+            n_classes=self.schema.n_classes,
+            key_file=self.store.key_path,
         ) as inbox:
-            return inbox.take(after=int(raw) if raw else 0, through_tick=tick)
+            batch = inbox.take(after=int(raw) if raw else 0, through_tick=tick)
+        if batch.unauthenticated:
+            # Changed on disk since it was sealed: never read as data, counted for the operator.
+            self.counters["inbox_unauthenticated"] = (
+                self.counters.get("inbox_unauthenticated", 0) + batch.unauthenticated
+            )
+        return batch
 
     def monitor_tick(
         self,
@@ -347,7 +356,7 @@ class Device:
             self._persist()
         if ingested is not None and not ingested.empty:
             # Taken batches are in the store now; the inbox stays small.
-            with Inbox(inbox_path(self.store.path)) as inbox:
+            with Inbox(inbox_path(self.store.path), key_file=self.store.key_path) as inbox:
                 inbox.prune(ingested.last_batch_id)
         if rejected["total"]:
             log.info("device %d tick %d: rejected %s", self.device_id, tick, rejected)

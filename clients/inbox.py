@@ -20,6 +20,13 @@ took) and may :meth:`Inbox.prune` what it has consumed. The inbox records its
 schema when it is created; :meth:`Inbox.open_existing` (or :func:`read_schema`)
 gives it back to a reader that does not know it.
 
+Sealed at rest
+--------------
+Every batch is sealed (AES-256-GCM) under the device's key, bound to its row;
+a changed batch is skipped and counted when read (:attr:`Batch.unauthenticated`),
+an inbox sealed under another key is refused, and a format-1 inbox (written in
+the clear) is sealed in place when first opened. See :mod:`clients.inbox_seal`.
+
 Files and memory
 ----------------
 The inbox holds samples, so its file is created ``0600`` (SQLite gives its
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -68,6 +76,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from clients.crypto import RecordAuthenticationError
 from clients.inbox_batches import (
     BatchInput,
     InboxSchema,
@@ -76,9 +85,19 @@ from clients.inbox_batches import (
     Staging,
     stage,
 )
+from clients.inbox_seal import (
+    INBOX_SUFFIX,
+    PLAIN_FORMAT,
+    SEALED_FORMAT,
+    check_key,
+    key_check,
+    open_batch,
+    open_cipher,
+    seal_batch,
+    seal_in_place,
+)
 from clients.validation import REJECT_REASONS
 
-INBOX_SUFFIX = ".inbox.sqlite"
 SIDECAR_SUFFIXES: tuple[str, ...] = ("-wal", "-shm", "-journal")
 """Files SQLite may keep beside an inbox; they hold samples too."""
 CHUNK_ROWS = 10_000
@@ -98,7 +117,7 @@ _SCHEMA = (
         " received REAL NOT NULL)"
     ),
 )
-_FORMAT = "fedge-ingest-inbox/1"
+log = logging.getLogger("fedge.device")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -148,12 +167,16 @@ class Batch:
         ``int64`` labels, shape ``(n,)``.
     rejected : dict of str to int
         Rows dropped at ingest, per reason, and ``"total"``.
+    unauthenticated : int
+        Rows of batches whose sealed bytes failed authentication (changed on
+        disk): skipped, never read as data.
     """
 
     last_batch_id: int
     x: np.ndarray
     y: np.ndarray
     rejected: dict[str, int]
+    unauthenticated: int = 0
 
     @property
     def empty(self) -> bool:
@@ -176,11 +199,15 @@ class Inbox:
         Row width. Needed when the file is new; checked against the file otherwise.
     n_classes : int, optional
         Number of classes (labels ``0 .. n_classes - 1``); as ``n_features``.
+    key_file : Path, optional
+        The device key that seals the batches; by default the key file of the
+        store beside the inbox (created ``0600`` if there is none yet).
 
     Raises
     ------
     IngestError
-        The file is not an inbox, or its schema differs from the one given.
+        The file is not an inbox, its schema differs from the one given, the key
+        file cannot be used, or the inbox was sealed under another key.
 
     See Also
     --------
@@ -189,11 +216,17 @@ class Inbox:
     """
 
     def __init__(
-        self, path: Path, *, n_features: int | None = None, n_classes: int | None = None
+        self,
+        path: Path,
+        *,
+        n_features: int | None = None,
+        n_classes: int | None = None,
+        key_file: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._created = False
+        self.key_path, self._cipher = open_cipher(self.path, key_file)
         if not self.path.exists():
             if n_features is None or n_classes is None:
                 raise IngestError(
@@ -206,22 +239,32 @@ class Inbox:
         try:
             self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
+            # Pruned batches (and the clear rows of a format-1 inbox) are zeroed, not left in free pages.
+            self._conn.execute("PRAGMA secure_delete=ON")
             with self._write() as conn:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if stored and stored.get("format") != _FORMAT:
+                if stored and stored.get("format") not in (SEALED_FORMAT, PLAIN_FORMAT):
                     raise IngestError(f"ingest: {self.path} is not a fedge ingest inbox")
                 if not stored:
                     if n_features is None or n_classes is None:
                         raise IngestError(f"ingest: {self.path} has no schema yet")
                     stored = {
-                        "format": _FORMAT,
+                        "format": SEALED_FORMAT,
                         "n_features": str(_positive(n_features, "n_features")),
                         "n_classes": str(_positive(n_classes, "n_classes")),
                         "last_tick": "-1",
+                        "key_check": key_check(self._cipher),
                     }
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", stored.items())
+                elif stored["format"] == PLAIN_FORMAT:
+                    seal_in_place(conn, self._cipher, self.path)
+                else:
+                    check_key(self._cipher, stored.get("key_check", ""), self.path, self.key_path)
+            if stored["format"] == PLAIN_FORMAT:
+                # The clear pages were rewritten in the WAL; fold them into the file now.
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._schema = InboxSchema(int(stored["n_features"]), int(stored["n_classes"]))
         except sqlite3.DatabaseError as exc:
             self._discard()
@@ -331,6 +374,12 @@ class Inbox:
             with self._write() as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'last_tick'").fetchone()
                 last = int(row[0])
+                # Ids are chosen here, inside the write lock, so each seal can name its row.
+                (top,) = conn.execute(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'batches'), 0),"
+                    " COALESCE((SELECT MAX(id) FROM batches), 0))"
+                ).fetchone()
+                batch_id = int(top)
                 for batch in staged:
                     if batch.tick < last:
                         # Another writer stored a later tick while this call was checked.
@@ -339,14 +388,14 @@ class Inbox:
                             "(the inbox is append-only); nothing from this call was stored"
                         )
                     last = batch.tick
-                    cursor = conn.execute(
-                        "INSERT INTO batches (tick, n, x, y, rejected, source, received)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (batch.tick, batch.n, batch.x, batch.y, batch.rejected, source, now),
+                    batch_id += 1
+                    x, y = seal_batch(self._cipher, batch_id, batch.tick, batch.n, batch.x, batch.y)
+                    conn.execute(
+                        "INSERT INTO batches (id, tick, n, x, y, rejected, source, received)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (batch_id, batch.tick, batch.n, x, y, batch.rejected, source, now),
                     )
-                    receipts.append(
-                        Receipt(int(cursor.lastrowid or 0), batch.tick, batch.n, json.loads(batch.rejected))
-                    )
+                    receipts.append(Receipt(batch_id, batch.tick, batch.n, json.loads(batch.rejected)))
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'last_tick'", (str(last),))
         except sqlite3.Error as exc:
             raise IngestError(
@@ -371,7 +420,7 @@ class Inbox:
             The rows, the drop counts and the new cursor (``last_batch_id``; 0 if
             nothing was taken).
         """
-        query = "SELECT id, x, y, rejected FROM batches WHERE id > ?"
+        query = "SELECT id, tick, n, x, y, rejected FROM batches WHERE id > ?"
         params: list[int] = [int(after)]
         if through_tick is not None:
             query += " AND tick <= ?"
@@ -381,15 +430,25 @@ class Inbox:
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
         last = 0
-        for batch_id, xb, yb, rej in rows:
+        unauthenticated = 0
+        for batch_id, tick, n, xb, yb, rej in rows:
             last = int(batch_id)
-            xs.append(np.frombuffer(xb, dtype=np.float32).reshape(-1, self.n_features))
-            ys.append(np.frombuffer(yb, dtype=np.int64))
+            try:
+                x, y = open_batch(self._cipher, batch_id, tick, n, xb, yb, self.n_features)
+            except RecordAuthenticationError as exc:
+                unauthenticated += int(n)
+                log.warning(
+                    "inbox %s: batch %d (tick %d, %d rows) failed authentication (%s); skipped",
+                    self.path, batch_id, tick, n, exc,
+                )
+                continue
+            xs.append(x)
+            ys.append(y)
             for key, value in json.loads(rej).items():
                 rejected[key] = rejected.get(key, 0) + int(value)
         x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), dtype=np.float32)
         y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-        return Batch(last, x, y, rejected)
+        return Batch(last, x, y, rejected, unauthenticated)
 
     def prune(self, through_batch: int) -> int:
         """Delete batches up to and including ``through_batch`` (already taken); returns how many."""
@@ -479,6 +538,7 @@ def ingest(
     n_classes: int | None = None,
     on_invalid: OnInvalid = "raise",
     source: str = "",
+    key_file: Path | None = None,
 ) -> list[Receipt]:
     """Append ``batches`` to the inbox at ``path`` (all or none), creating it only if they are accepted.
 
@@ -494,6 +554,8 @@ def ingest(
         As for :meth:`Inbox.append`.
     source : str, default ""
         Kept with each batch.
+    key_file : Path, optional
+        The device key that seals the batches (see :class:`Inbox`).
 
     Returns
     -------
@@ -507,13 +569,15 @@ def ingest(
     """
     path = Path(path)
     if path.exists():
-        with Inbox(path, n_features=n_features, n_classes=n_classes) as inbox:
+        with Inbox(path, n_features=n_features, n_classes=n_classes, key_file=key_file) as inbox:
             return inbox.append_many(batches, on_invalid=on_invalid, source=source)
     if n_features is None or n_classes is None:
         raise IngestError(f"ingest: no inbox at {path} (a new inbox needs the row width and classes)")
     schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"))
     with stage(batches, schema, on_invalid, -1, CHUNK_ROWS) as staged:
-        inbox = Inbox(path, n_features=schema.n_features, n_classes=schema.n_classes)
+        inbox = Inbox(
+            path, n_features=schema.n_features, n_classes=schema.n_classes, key_file=key_file
+        )
         try:
             receipts = inbox._commit(staged, source)
         except BaseException:

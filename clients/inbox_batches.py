@@ -21,6 +21,7 @@ from typing import Any, Literal, Self
 
 import numpy as np
 
+from clients.crypto import RecordCipher, new_key
 from clients.validation import REJECT_REASONS, validate_rows
 
 OnInvalid = Literal["raise", "drop"]
@@ -118,7 +119,9 @@ class Staging:
     The disk part is SQLite's private temporary database (``connect("")``): it is
     unlinked as soon as it is opened and gone when closed, so a refused or
     interrupted call leaves nothing behind, and a file of any length costs only
-    SQLite's page cache in memory.
+    SQLite's page cache in memory. Rows spilled there are sealed (AES-256-GCM)
+    under a key that exists only in this object's memory, so the scratch pages
+    SQLite writes to the temporary folder never hold a sample in the clear.
     """
 
     def __init__(self, spill_rows: int) -> None:
@@ -126,6 +129,8 @@ class Staging:
         self._memory: list[_Checked] = []
         self._rows = 0
         self._disk: sqlite3.Connection | None = None
+        self._cipher: RecordCipher | None = None
+        self._seq = 0
 
     def add(self, batch: _Checked) -> None:
         if self._disk is not None:
@@ -135,6 +140,7 @@ class Staging:
         self._rows += batch.n
         if self._rows > self.spill_rows:
             self._disk = sqlite3.connect("")
+            self._cipher = RecordCipher(new_key())
             # A scratch copy: durability does not matter, the inbox commit does.
             self._disk.execute("PRAGMA journal_mode=OFF")
             self._disk.execute("PRAGMA synchronous=OFF")
@@ -147,10 +153,13 @@ class Staging:
             self._memory.clear()
 
     def _insert(self, batch: _Checked) -> None:
-        assert self._disk is not None
+        assert self._disk is not None and self._cipher is not None
+        self._seq += 1
+        seq = self._seq
+        x, y = self._cipher.seal_many([batch.x, batch.y], [b"x%d" % seq, b"y%d" % seq])
         self._disk.execute(
-            "INSERT INTO staged (tick, n, x, y, rejected) VALUES (?, ?, ?, ?, ?)",
-            (batch.tick, batch.n, batch.x, batch.y, batch.rejected),
+            "INSERT INTO staged (seq, tick, n, x, y, rejected) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, batch.tick, batch.n, x, y, batch.rejected),
         )
 
     def __iter__(self) -> Iterator[_Checked]:
@@ -158,9 +167,11 @@ class Staging:
             yield from self._memory
             return
         # The cursor steps one row at a time, so reading back is bounded too.
-        for tick, n, x, y, rejected in self._disk.execute(
-            "SELECT tick, n, x, y, rejected FROM staged ORDER BY seq"
+        assert self._cipher is not None
+        for seq, tick, n, x, y, rejected in self._disk.execute(
+            "SELECT seq, tick, n, x, y, rejected FROM staged ORDER BY seq"
         ):
+            x, y = self._cipher.open_many([x, y], [b"x%d" % seq, b"y%d" % seq])
             yield _Checked(int(tick), int(n), x, y, rejected)
 
     def close(self) -> None:
@@ -168,6 +179,7 @@ class Staging:
         if self._disk is not None:
             self._disk.close()
             self._disk = None
+        self._cipher = None
 
     def __enter__(self) -> Self:
         return self

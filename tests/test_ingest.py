@@ -167,7 +167,8 @@ def test_cli_refuses_a_malformed_file_in_one_line_and_stores_nothing(
     assert err.startswith("fedge-ingest: error: ") and err.count("\n") == 1
     assert message in err
     assert hashlib.sha256(box.read_bytes()).hexdigest() == before, "the inbox is exactly as it was"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["box.sqlite", "samples.csv"]
+    # The key file was made with the inbox, before this call.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box.key", "box.sqlite", "samples.csv"]
 
 
 def test_cli_bad_arguments_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

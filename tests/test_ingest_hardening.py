@@ -34,8 +34,8 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _inbox_with_a_batch(folder: Path, n_classes: int = 4) -> Path:
-    path = folder / "device-0.inbox.sqlite"
+def _inbox_with_a_batch(folder: Path, n_classes: int = 4, name: str = "device-0.inbox.sqlite") -> Path:
+    path = folder / name
     with Inbox(path, n_features=2, n_classes=n_classes) as inbox:
         inbox.append(0, [[0.5, 0.25]], [1])
     return path
@@ -354,7 +354,7 @@ _FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthC
 def test_random_bytes_are_refused_with_an_ingest_error_or_stored(tmp_path: Path, data: bytes, fmt: str, drop: bool) -> None:
     box = tmp_path / "box.sqlite"
     if not box.exists():
-        _inbox_with_a_batch(tmp_path, n_classes=3).rename(box)
+        _inbox_with_a_batch(tmp_path, n_classes=3, name=box.name)
     on_invalid = "drop" if drop else "raise"
     _check_refused_or_stored(box, lambda: ingest_file(box, io.BytesIO(data), fmt, default_tick=5, on_invalid=on_invalid))  # type: ignore[arg-type]
 
@@ -380,7 +380,7 @@ def test_random_bytes_are_refused_with_an_ingest_error_or_stored(tmp_path: Path,
 def test_random_text_is_refused_with_an_ingest_error_or_stored(tmp_path: Path, text: str, drop: bool) -> None:
     box = tmp_path / "box.sqlite"
     if not box.exists():
-        _inbox_with_a_batch(tmp_path, n_classes=3).rename(box)
+        _inbox_with_a_batch(tmp_path, n_classes=3, name=box.name)
     fmt = "jsonl" if text.startswith("{") else "csv"
     on_invalid = "drop" if drop else "raise"
     _check_refused_or_stored(box, lambda: ingest_file(box, io.StringIO(text), fmt, default_tick=5, on_invalid=on_invalid))  # type: ignore[arg-type]
@@ -408,7 +408,7 @@ def test_random_values_given_to_append_are_refused_with_an_ingest_error_or_store
 ) -> None:
     box = tmp_path / "box.sqlite"
     if not box.exists():
-        _inbox_with_a_batch(tmp_path, n_classes=3).rename(box)
+        _inbox_with_a_batch(tmp_path, n_classes=3, name=box.name)
 
     def run() -> list[object]:
         with Inbox(box) as inbox:

@@ -8,11 +8,17 @@ what a device does with its store each monitoring tick: append the tick's sample
 the window back (1,000 rows) for the prequential check and training. Repetitions
 alternate between the two stores, so a busy spell on a shared machine hits both.
 
+The ingest inbox is measured the same way: per tick the device application appends
+the tick's rows (100 rows of 10 features) and the device takes and prunes them, each
+opening the inbox as they do (so the key check on open is counted), sealed against
+framed.
+
 ``python -m experiments.benchmarks.encryption`` prints the figures alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -23,6 +29,7 @@ from unittest import mock
 import numpy as np
 
 from clients.crypto import NONCE_BYTES, TAG_BYTES
+from clients.inbox import Inbox
 from clients.store import DeviceStore
 from experiments.benchmarks.common import Figure
 
@@ -93,6 +100,44 @@ def _open_seconds(path: Path, window: int, encrypted: bool) -> float:
     return seconds
 
 
+def _inbox_ticks(path: Path, x: np.ndarray, y: np.ndarray, first: int, n: int, sealed: bool) -> float:
+    """CPU seconds per tick of the inbox's life: append by the application, take and prune by the device."""
+    patch = contextlib.nullcontext() if sealed else mock.patch("clients.inbox.RecordCipher", lambda key: _FramingOnly())
+    with patch:
+        t0 = time.process_time()
+        for tick in range(first, first + n):
+            with Inbox(path, n_features=x.shape[1], n_classes=2) as inbox:
+                inbox.append(tick, x, y)
+            with Inbox(path) as inbox:
+                batch = inbox.take()
+                inbox.prune(batch.last_batch_id)
+        return (time.process_time() - t0) / n
+
+
+def inbox_figure(rows: int, features: int, ticks: int, repeat: int, x: np.ndarray, y: np.ndarray, folder: Path) -> Figure:
+    """Per-tick inbox CPU, sealed vs framed, alternating repetitions."""
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    paths = {flag: folder / ("inbox-sealed" if flag else "inbox-plain") / "device-0.inbox.sqlite" for flag in (True, False)}
+    for i in range(repeat):
+        for flag in (True, False):
+            runs[flag].append(_inbox_ticks(paths[flag], x, y, i * ticks, ticks, flag))
+    e, p = statistics.median(runs[True]), statistics.median(runs[False])
+    ms = 1e3
+    return Figure(
+        "7 encryption",
+        f"ingest inbox per tick, AES-GCM sealed vs framed ({rows} x {features} appended, taken, pruned)",
+        (
+            f"CPU {ms * e:.2f} ms vs {ms * p:.2f} ms; {repeat} x {ticks} ticks spread "
+            f"{ms * min(runs[True]):.2f}-{ms * max(runs[True]):.2f} vs "
+            f"{ms * min(runs[False]):.2f}-{ms * max(runs[False]):.2f} ms"
+        ),
+        f"{e / p:.2f}x CPU, +{ms * (e - p):.2f} ms per tick",
+        "",
+        None,
+        {"sealed_inbox_tick_cpu_s": e, "plain_inbox_tick_cpu_s": p},
+    )
+
+
 def run(
     rows: int = 100, features: int = 10, window: int = 1000, ticks: int = 30, repeat: int = 5
 ) -> list[Figure]:
@@ -133,6 +178,7 @@ def run(
         for _ in range(repeat):
             for flag in (True, False):
                 opens[flag].append(_open_seconds(paths[flag], window, flag))
+        inbox = inbox_figure(rows, features, ticks, repeat, x, y, folder)
 
     def median(flag: bool, field: str) -> float:
         return statistics.median(getattr(t, field) for t in runs[flag])
@@ -177,6 +223,7 @@ def run(
             None,
             {"sealed_open_s": open_e, "plain_open_s": open_p},
         ),
+        inbox,
     ]
 
 
