@@ -381,6 +381,8 @@ class Inbox:
                 ).fetchone()
                 batch_id = int(top)
                 for batch in staged:
+                    if batch_id == top:  # only a call that stores something marks the origin
+                        _check_origin(conn, self.path, source)
                     if batch.tick < last:
                         # Another writer stored a later tick while this call was checked.
                         raise IngestError(
@@ -516,6 +518,30 @@ class Inbox:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+SCENARIO_SOURCE = "scenario"
+"""The ``source`` of batches a simulated scenario writes; no other source may join them."""
+
+
+def _check_origin(conn: sqlite3.Connection, path: Path, source: str) -> None:
+    """Refuse to mix a scenario's generated rows with a device application's own rows.
+
+    The first write records which of the two the inbox holds (meta ``origin``);
+    a later write of the other kind is refused, so generated rows never reach
+    a user's data and user rows never hide among a scenario's.
+    """
+    kind = "scenario" if source == SCENARIO_SOURCE else "device"
+    row = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta VALUES ('origin', ?)", (kind,))
+    elif row[0] != kind:
+        held = "a scenario's generated rows" if row[0] == "scenario" else "the device application's own rows"
+        raise IngestError(
+            f"ingest: {path} holds {held}; {'generated' if kind == 'scenario' else 'own'} rows "
+            "would be mixed into them (use a fresh run folder, or data.source for own data); "
+            "nothing from this call was stored"
+        )
 
 
 def read_schema(path: Path) -> InboxSchema:

@@ -24,6 +24,7 @@ The file layout mirrors the dataclasses below::
     [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
+    [data]                source, path, module, n_features, n_classes
     [model]               task, hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume, reply_timeout, workers
@@ -98,6 +99,9 @@ MAX_ROUNDS = 1_000
 MAX_EPOCHS = 1_000
 MAX_BATCH_SIZE = 100_000
 MAX_HIDDEN = 1_024
+#: A device row's width and a task's classes when the data is the user's own.
+MAX_FEATURES = 1_000_000
+MAX_CLASSES = 100_000
 #: Integers inside the free-form tables (schedule, generator and detector parameters).
 MAX_TABLE_INT = 1_000_000
 MAX_SCENARIO_BYTES = 1_000_000
@@ -261,6 +265,32 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the devices' rows come from.
+
+    ``source = "scenario"`` (the default): ``[scenario]``'s generator plays every
+    device's application. ``"folder"``: ``path`` holds one entry per device,
+    ``device-0``, ``device-1``, ... (a folder of CSV, JSON-lines, ``.npz`` or
+    Parquet files, or one such file; see :mod:`clients.sources`), and nothing is
+    generated: ``scenario.clients`` and ``scenario.ticks`` are taken from the
+    folder, and so are ``n_features`` and ``n_classes`` unless given (giving both
+    skips reading the files when the configuration is loaded). ``"python"``:
+    ``module`` is an importable module with ``N_FEATURES``, ``N_CLASSES`` and
+    ``source(device_id)`` returning an object with ``batches()`` (or an iterable)
+    of ``(tick, x, y)``; ``scenario.clients`` and ``scenario.ticks`` as configured.
+    ``"inbox"``: each device's own application fills its inbox (``fedge-ingest``,
+    :mod:`clients.ingest`); fedge writes nothing into it, and ``n_features`` and
+    ``n_classes`` must be given.
+    """
+
+    source: str = field(default="scenario", metadata=_choice("scenario", "folder", "python", "inbox"))
+    path: str = ""
+    module: str = ""
+    n_features: int = field(default=0, metadata=_between(0, MAX_FEATURES))
+    n_classes: int = field(default=0, metadata=_between(0, MAX_CLASSES))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The model the devices train: a task module (see :mod:`fedge.contracts.task`) or fedge's MLP.
 
@@ -321,6 +351,7 @@ class FedgeConfig:
     campaign: CampaignConfig = field(default_factory=CampaignConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)

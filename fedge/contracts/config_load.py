@@ -246,14 +246,27 @@ def from_dict(data: Mapping[str, Any]) -> FedgeConfig:
             raise ConfigError(f"{name}: expected a table, got {value!r}")
         kwargs[name] = _section(hints[name], name, value)
     cfg = FedgeConfig(**kwargs)
+    cfg = _shaped(cfg)
     _check_components(cfg)
     return cfg
+
+
+def _shaped(cfg: FedgeConfig) -> FedgeConfig:
+    """Fill in what the devices' own data determines (see :class:`~fedge.contracts.config.DataConfig`)."""
+    if cfg.data.source == "scenario" and not cfg.data.path and not cfg.data.module:
+        return cfg
+    from fedge.scenarios.user_data import DataError, shaped_config
+
+    try:
+        return shaped_config(cfg)
+    except DataError as exc:
+        raise ConfigError(_one_line(exc)[:400]) from None
 
 
 def _check_components(cfg: FedgeConfig) -> None:
     """Build what the names refer to, so a bad detector or schedule fails now."""
     from clients.monitor import make_detector
-    from fedge.scenarios import build_scenario
+    from fedge.scenarios import build_source
 
     sc = cfg.scenario
     # Checked before the scenario is built: its schedule holds clients x ticks ids.
@@ -274,7 +287,7 @@ def _check_components(cfg: FedgeConfig) -> None:
     except (ValueError, TypeError, OverflowError) as exc:
         raise ConfigError(_one_line(exc)) from None
     try:
-        scenario = build_scenario(cfg.scenario)
+        scenario = build_source(cfg)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         raise ConfigError(_one_line(exc)[:300]) from None
     if cfg.model.task:  # a user's task module is imported and its model tried on its input shape

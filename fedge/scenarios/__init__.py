@@ -52,6 +52,7 @@ __all__ = [
     "Sine2Generator",
     "build_scenario",
     "build_schedule",
+    "build_source",
     "corrupt_rows",
     "make_generator",
 ]
@@ -209,6 +210,11 @@ class Scenario:
             corrupt_rows(x, y, self.bad_row_fraction, self.n_classes, rng)
         return x, y
 
+    def example_rows(self, k: int = 5) -> NDArray[np.float32]:
+        """The first ``k`` rows of client 0 at step 0, bad rows made finite (an input example)."""
+        x, _ = self.batch(0, 0)
+        return np.nan_to_num(x[:k]).astype(np.float32)
+
     def __repr__(self) -> str:
         return (
             f"Scenario(generator={self.generator!r}, schedule={self.schedule!r}, "
@@ -309,3 +315,16 @@ def build_scenario(spec: ScenarioSpec) -> Scenario:
         samples_per_step=spec.samples_per_tick,
         bad_row_fraction=spec.bad_row_fraction,
     )
+
+
+def build_source(cfg: Any) -> Any:
+    """The run's data: the scenario of ``[scenario]``, or the devices' own data (``[data]``).
+
+    Both give ``n_clients``, ``n_steps``, ``n_features``, ``n_classes``,
+    ``schedule`` (None for the devices' own data) and ``example_rows``.
+    """
+    if cfg.data.source == "scenario":
+        return build_scenario(cfg.scenario)
+    from fedge.scenarios.user_data import UserData
+
+    return UserData(cfg)

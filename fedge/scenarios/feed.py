@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clients.inbox import Inbox, Receipt, ingest
-from fedge.scenarios import build_scenario
+from clients.inbox import SCENARIO_SOURCE, Inbox, Receipt, ingest
+from clients.sources import feed
+from fedge.scenarios import build_scenario, build_source
 
 if TYPE_CHECKING:
     from fedge.contracts.config import FedgeConfig
@@ -43,7 +44,14 @@ def feed_scenario(
     -------
     list of Receipt
         One per stored batch.
+
+    Notes
+    -----
+    With ``data.source`` other than ``"scenario"`` the device's own data is fed
+    instead (:func:`feed_user_data`): no generated row is ever written then.
     """
+    if cfg.data.source != "scenario":
+        return feed_user_data(cfg, device_id, path, ticks)
     scenario = build_scenario(cfg.scenario)
     path = Path(path)
     last = -1
@@ -59,5 +67,26 @@ def feed_scenario(
         n_features=scenario.n_features,
         n_classes=scenario.n_classes,
         on_invalid="drop",
-        source="scenario",
+        source=SCENARIO_SOURCE,
+    )
+
+
+def feed_user_data(
+    cfg: FedgeConfig, device_id: int, path: Path, ticks: Iterable[int] | None = None
+) -> list[Receipt]:
+    """Write device ``device_id``'s own rows (``[data]``) into its inbox, up to the run's last tick.
+
+    Only ticks after the inbox's last one are written, so feeding again after
+    new files arrived stores only those. ``ticks`` (a range) bounds the last tick.
+    """
+    if cfg.data.source == "inbox":
+        return []  # the device's own application fills its inbox
+    data = build_source(cfg)
+    last = max(ticks) if ticks is not None else data.n_steps - 1
+    return feed(
+        data.source(device_id),
+        Path(path),
+        n_features=data.n_features,
+        n_classes=data.n_classes,
+        through_tick=last,
     )

@@ -28,7 +28,7 @@ from fedge.core.records import summarize_history
 from fedge.core.state import JsonState, state_path
 from fedge.core.triggers import make_policy
 from fedge.engines.quorum import ReplyQuorum, ShortRound
-from fedge.scenarios import build_scenario
+from fedge.scenarios import build_source
 from fedge.server.federation import FlowerFederation
 from fedge.server.registry import MlflowRegistry
 from fedge.server.summary import TickHistory, build_summary, log_tick, plot_run
@@ -80,7 +80,7 @@ def run_server(
     """
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    scenario = build_scenario(cfg.scenario)
+    scenario = build_source(cfg)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(
         uri,
@@ -182,7 +182,8 @@ def run_server(
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_dict(summary, "summary.json")
-        plot = plot_run(record, scenario.schedule.drift_steps(), folder / "accuracy.png")
+        drifts = scenario.schedule.drift_steps() if scenario.schedule is not None else ()
+        plot = plot_run(record, drifts, folder / "accuracy.png")
         if plot is not None:
             tracker.log_artifact(plot)
         status = "FINISHED"

@@ -57,9 +57,9 @@ class MlflowRegistry:
         self.n_outputs = self.task.n_outputs(scenario.n_classes)
         shape = self.task.input_shape(self.n_features)
         dtype = torch.empty(0, dtype=self.task.dtype).numpy().dtype
-        x, _ = scenario.batch(0, 0)
+        x = scenario.example_rows(5)
         if x.shape[1] == self.n_features and len(x):
-            example = np.nan_to_num(x[:5]).reshape((-1, *shape))
+            example = np.nan_to_num(x).reshape((-1, *shape))
         else:
             example = np.zeros((5, *shape))
         self.input_example = example.astype(dtype)

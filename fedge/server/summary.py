@@ -59,6 +59,8 @@ def build_summary(
             {"version": v["version"], "aliases": [], "tags": {}, "state": v["state"]}
             for v in tracking["versions"]
         ]
+    # The devices' own data has no known schedule (``schedule`` is None).
+    schedule_drifts = scenario.schedule.drift_steps() if scenario.schedule is not None else ()
     return {
         "scenario": cfg.scenario.name,
         "engine": engine,
@@ -70,8 +72,8 @@ def build_summary(
         "policy": cfg.trigger.policy,
         "resumed_from": record.resumed_from,
         "champion": record.champion,
-        "drift_steps": list(scenario.schedule.drift_steps()),
-        "recoveries": [asdict(r) for r in drift_recoveries(record, scenario.schedule.drift_steps())],
+        "drift_steps": list(schedule_drifts),
+        "recoveries": [asdict(r) for r in drift_recoveries(record, schedule_drifts)],
         "campaigns": [asdict(c) for c in record.campaigns],
         "ticks": [asdict(t) for t in record.ticks],
         "versions": versions,
