@@ -73,8 +73,8 @@ def _first_poll_failure(errors: Mapping[str, str]) -> str:
         return (
             f"the ClientApp on {who} has no `query` handler ({reasons[0]}): it is not a fedge "
             "ClientApp, and fedge's drift monitoring answers that message; run "
-            "`clients.client_app:app` on the devices (your own model as a task module: "
-            "docs/tasks.md)"
+            "`clients.client_app:app` on the devices, or wrap your own Flower app with "
+            "`clients.flower_app.with_fedge` (docs/tasks.md#adding-fedge-to-an-existing-flower-app)"
         )
     return f"every device failed on the first poll: {who}: {reasons[0]}" + (
         f" (and {len(reasons) - 1} other errors)" if len(reasons) > 1 else ""

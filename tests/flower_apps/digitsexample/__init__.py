@@ -1,0 +1,1 @@
+"""digitsexample: a Flower / PyTorch app on 8x8 digit images."""
