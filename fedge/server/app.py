@@ -31,7 +31,14 @@ from fedge.engines.quorum import ReplyQuorum, ShortRound
 from fedge.scenarios import build_scenario
 from fedge.server.federation import FlowerFederation
 from fedge.server.registry import MlflowRegistry
-from fedge.server.summary import TickHistory, build_summary, log_tick, plot_run
+from fedge.server.summary import (
+    TickHistory,
+    build_summary,
+    detected_drifts,
+    drift_truth,
+    log_tick,
+    plot_run,
+)
 from fedge.tracking import OUTBOX_DIR, Tracker, default_tracking_uri
 
 log = logging.getLogger("fedge.server")
@@ -81,6 +88,8 @@ def run_server(
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_scenario(cfg.scenario)
+    # Decided before the devices consume (and prune) their inboxes.
+    truth = drift_truth(scenario, folder)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(
         uri,
@@ -159,7 +168,8 @@ def run_server(
                 f"no device reported in any tick; {who} answered with errors, e.g. "
                 f"{next(iter(sorted(set(federation.errors.values()))))}"
             )
-        summary = build_summary(cfg, history.whole(record), scenario, tracker, uri, folder, engine)
+        whole = history.whole(record)
+        summary = build_summary(cfg, whole, scenario, tracker, uri, folder, engine, truth)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.model_rounds
         summary["resumed_at"] = record.resumed_at
@@ -182,7 +192,9 @@ def run_server(
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_dict(summary, "summary.json")
-        plot = plot_run(record, scenario.schedule.drift_steps(), folder / "accuracy.png")
+        plot = plot_run(
+            whole, summary["drift_steps"], folder / "accuracy.png", detected_drifts(whole)
+        )
         if plot is not None:
             tracker.log_artifact(plot)
         status = "FINISHED"
