@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,10 @@ def _main(
 @app.command("run")
 def run_cmd(
     scenario: Annotated[
-        Path | None, typer.Argument(help="Scenario TOML file (default: the embedded defaults).")
+        Path | None, typer.Argument(
+            help=f"Scenario TOML file (default: ./{PROJECT_SCENARIO} if there is one, "
+            "else the embedded defaults)."
+        )
     ] = None,
     engine: Annotated[
         str,
@@ -148,6 +152,11 @@ def run_cmd(
     from fedge.contracts.config import ConfigError
     from fedge.runner import RunRequest, plan_run
 
+    # In a project folder (``fedge new``) its own scenario and task are the defaults;
+    # a resumed run there still needs its task importable.
+    project = _project_scenario() if scenario is None else None
+    if run_dir is None:
+        scenario = scenario or project
     overrides = list(set_ or [])
     if output_dir is not None:
         overrides.append(f"run.output_dir={json.dumps(str(output_dir.expanduser().resolve()))}")
@@ -227,6 +236,49 @@ def _run_with_progress(request: Any, cfg: Any, folder: Path | None) -> dict[str,
             progress.update(task, advance=1, status=f"accuracy {fmt(rec.accuracy)}")
 
         return run(request, on_tick=on_tick, run_dir=folder)
+
+
+#: The scenario file ``fedge run`` reads from the current folder when given none.
+PROJECT_SCENARIO = "fedge.toml"
+
+
+def _project_scenario() -> Path | None:
+    """``./fedge.toml`` when it exists (a ``fedge new`` project), its folder made importable.
+
+    The project's task module (``model.task``) lives in that folder: it goes on
+    ``sys.path`` here and on ``PYTHONPATH`` for the device processes a run starts.
+    """
+    found = Path.cwd() / PROJECT_SCENARIO
+    if not found.is_file():
+        return None
+    here = str(Path.cwd())
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return found
+
+
+@app.command("new")
+def new_cmd(
+    name: Annotated[str, typer.Argument(help="The project's name: a folder and a Python package.")],
+) -> None:
+    """Create a fedge project: a task (model and data), a scenario, a README, a test.
+
+    ``fedge run`` inside the new folder runs its scenario; ``python -m pytest``
+    runs its test.
+    """
+    from fedge.templates import ProjectError, create_project
+
+    try:
+        folder = create_project(Path.cwd(), name)
+    except ProjectError as exc:
+        _fail(str(exc))
+        return
+    console.print(f"Created the fedge project [bold]{escape(name)}[/] in {escape(str(folder))}")
+    console.print(f"  cd {escape(name)} && fedge run          # its scenario, {PROJECT_SCENARIO}")
+    console.print(f"  cd {escape(name)} && python -m pytest   # its test", highlight=False)
 
 
 app.command("deploy")(deploy_cmd)

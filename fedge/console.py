@@ -38,7 +38,8 @@ def print_summary(s: dict[str, Any]) -> None:
     console.rule(f"[bold]{s['scenario']}[/] on {s['engine']} in {s.get('wall_seconds', '?')} s")
     if s.get("resumed_from"):
         console.print(f"Resumed from champion v{s['resumed_from']} in the registry.")
-    rec = Table(title="Accuracy around each drift", title_justify="left")
+    print_drifts(s)
+    rec = Table(title="Accuracy around each true drift", title_justify="left")
     for col in ("drift at tick", "before", "right after", "after retraining", "retrained at tick"):
         rec.add_column(col, justify="right")
     for r in s["recoveries"]:
@@ -51,8 +52,6 @@ def print_summary(s: dict[str, Any]) -> None:
         )
     if s["recoveries"]:
         console.print(rec)
-    else:
-        console.print("No drift in this scenario.")
     camp = Table(title=f"{len(s['campaigns'])} retraining campaigns", title_justify="left")
     for col in ("tick", "why", "devices", "rounds", "candidate", "champion", "result"):
         camp.add_column(col, no_wrap=True)
@@ -113,3 +112,57 @@ def print_summary(s: dict[str, Any]) -> None:
         f"run folder: {s['run_dir']}"
     )
     console.print(f"Open the MLflow UI:  [bold]{s['ui_command']}[/]", highlight=False)
+
+
+def _ticks(ticks: list[int]) -> str:
+    from fedge.privacy.report import tick_ranges
+
+    return tick_ranges(ticks) if ticks else "-"
+
+
+def print_drifts(s: dict[str, Any]) -> None:
+    """What the devices' detectors saw, beside the true schedule where the scenario knows it.
+
+    Without a known truth (the devices' own data) only the detections are shown.
+    Devices with neither a true drift nor a detection are left out of the table.
+    """
+    detected = {int(d): list(t) for d, t in (s.get("detected_drifts") or {}).items()}
+    truth = s.get("drift_truth")
+    devices = s.get("devices")
+    if truth is None:
+        if not detected:
+            console.print("No device detected a drift (no known drift schedule: the devices' own data).")
+            return
+        table = Table(
+            title=f"Drifts the devices detected ({len(detected)} of {devices or '?'} devices; "
+            "no known schedule)",
+            title_justify="left",
+        )
+        table.add_column("device", justify="right")
+        table.add_column("detector fired at ticks")
+        for device, ticks in sorted(detected.items()):
+            table.add_row(str(device), _ticks(ticks))
+        console.print(table)
+        return
+    if not truth["devices"]:
+        console.print("No drift in this scenario, and no device detected one.")
+        return
+    table = Table(
+        title=f"Drifts the devices detected against the scenario's schedule (caught: within "
+        f"{truth['within']} ticks): {truth['caught']} caught, {truth['missed']} missed, "
+        f"{truth['false_alarms']} false alarms",
+        title_justify="left",
+    )
+    for col in ("device", "true drift at", "detected at", "caught (delay)", "missed", "false alarms"):
+        table.add_column(col, justify="right" if col == "device" else "left")
+    for d in truth["devices"]:
+        caught = ", ".join(f"{c['drift']} (+{c['delay']})" for c in d["caught"]) or "-"
+        table.add_row(
+            str(d["device"]),
+            _ticks(d["true"]),
+            _ticks(detected.get(d["device"], [])),
+            caught,
+            _ticks(d["missed"]),
+            _ticks(d["false_alarms"]),
+        )
+    console.print(table)

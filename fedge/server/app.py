@@ -7,9 +7,11 @@ One loop serves one model or one model per cluster of devices.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config_load import from_dict
 from fedge.contracts.task import task_for
 from fedge.contracts.wire import config_from_context, run_dir
 from fedge.core.clustering import DriftClustering
@@ -31,7 +34,14 @@ from fedge.engines.quorum import ReplyQuorum, ShortRound
 from fedge.scenarios import build_source
 from fedge.server.federation import FlowerFederation
 from fedge.server.registry import MlflowRegistry
-from fedge.server.summary import TickHistory, build_summary, log_tick, plot_run
+from fedge.server.summary import (
+    TickHistory,
+    build_summary,
+    detected_drifts,
+    drift_truth,
+    log_tick,
+    plot_run,
+)
 from fedge.tracking import OUTBOX_DIR, Tracker, default_tracking_uri
 
 log = logging.getLogger("fedge.server")
@@ -50,6 +60,113 @@ def _earlier_mlflow_run(folder: Path) -> str:
         return str(json.loads((folder / MLFLOW_RUN_FILE).read_text())["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+#: Seconds between the "waiting for devices" lines while the federation fills up.
+WAIT_LOG_EVERY = 5.0
+
+
+def wait_for_devices(
+    grid: Grid,
+    expected: int,
+    timeout: float,
+    *,
+    every: float = WAIT_LOG_EVERY,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Wait until ``expected`` devices are connected, saying how many every ``every`` seconds.
+
+    Parameters
+    ----------
+    grid : Grid
+        The federation's grid (its ``get_node_ids`` are the connected devices).
+    expected : int
+        How many devices the scenario has.
+    timeout : float
+        Seconds to wait at most (``run.reply_timeout``).
+    every : float, default WAIT_LOG_EVERY
+        Seconds between the progress lines ``waiting for devices: 1 of 2 connected``.
+    clock, sleep : callable
+        The time source and the pause (tests pass fakes).
+
+    Returns
+    -------
+    int
+        How many devices are connected. Fewer than ``expected`` after ``timeout``
+        is logged as one warning line saying the federation is smaller than the
+        scenario; the run goes on with those.
+    """
+    start = clock()
+    said = None
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= expected:
+            if said is not None:
+                log.info("all %d devices connected", expected)
+            return connected
+        now = clock()
+        if now - start >= timeout:
+            log.warning(
+                "only %d of %d devices connected after %g s: the federation is smaller than "
+                "the scenario (scenario.clients = %d); running with those",
+                connected, expected, timeout, expected,
+            )
+            return connected
+        if said is None or now - said >= every:
+            log.info("waiting for devices: %d of %d connected", connected, expected)
+            said = now
+        sleep(min(0.5, max(0.0, timeout - (now - start))))
+
+
+def sized_to(cfg: FedgeConfig, devices: int) -> FedgeConfig:
+    """``cfg`` with ``scenario.clients = devices``, checked like any configuration.
+
+    Raises
+    ------
+    ConfigError
+        The configuration does not hold for that many devices (e.g. ``campaign.min_devices``).
+    """
+    data = dataclasses.asdict(cfg)
+    data["scenario"]["clients"] = devices
+    return from_dict(data)
+
+
+def _federation_size(grid: Grid, timeout: float, settle: float = 2.0) -> int:
+    """How many nodes the federation has: the count once it stops growing for ``settle`` s."""
+    deadline = time.monotonic() + timeout
+    count, since = len(list(grid.get_node_ids())), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif count > 0 and time.monotonic() - since >= settle:
+            break
+    return count
+
+
+def _fit_to_federation(grid: Grid, cfg: FedgeConfig, folder: Path) -> FedgeConfig:
+    """``flwr run .`` without fedge's runner: the scenario takes the federation's size.
+
+    Flower's local simulation has as many nodes as its ``num-supernodes`` (2 by
+    default); the scenario runs on that many devices, and their inboxes get the
+    scenario's rows (the runner does this for ``fedge run``).
+    """
+    from clients.inbox import inbox_path
+    from fedge.scenarios.feed import feed_scenario
+
+    nodes = _federation_size(grid, cfg.run.reply_timeout)
+    if nodes and nodes != cfg.scenario.clients:
+        log.warning(
+            "the federation has %d nodes, the scenario %d devices: running it on %d devices "
+            "(the federation's num-supernodes sets how many)",
+            nodes, cfg.scenario.clients, nodes,
+        )
+        cfg = sized_to(cfg, nodes)
+    for device in range(cfg.scenario.clients):
+        feed_scenario(cfg, device, inbox_path(folder / "devices" / f"device-{device}.sqlite"))
+    return cfg
 
 
 def cluster_policy_for(cfg: FedgeConfig) -> ClusterPolicy | None:
@@ -81,6 +198,8 @@ def run_server(
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_source(cfg)
+    # Decided before the devices consume (and prune) their inboxes.
+    truth = drift_truth(scenario, folder)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(
         uri,
@@ -108,6 +227,8 @@ def run_server(
         short_rounds.append(asdict(short))
         tracker.log_event("round_short", short.tick, asdict(short))
 
+    # Said while it lasts: a federation smaller than the scenario used to wait in silence.
+    wait_for_devices(grid, scenario.n_clients, cfg.run.reply_timeout)
     # Every wait for devices is bounded by run.reply_timeout; rounds need campaign.min_devices.
     grid = ReplyQuorum(grid, cfg.campaign.min_devices, cfg.run.reply_timeout, on_short)
     clusters = cluster_policy if cluster_policy is not None else cluster_policy_for(cfg)
@@ -159,7 +280,8 @@ def run_server(
                 f"no device reported in any tick; {who} answered with errors, e.g. "
                 f"{next(iter(sorted(set(federation.errors.values()))))}"
             )
-        summary = build_summary(cfg, history.whole(record), scenario, tracker, uri, folder, engine)
+        whole = history.whole(record)
+        summary = build_summary(cfg, whole, scenario, tracker, uri, folder, engine, truth)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.model_rounds
         summary["resumed_at"] = record.resumed_at
@@ -182,8 +304,9 @@ def run_server(
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.log_dict(summary, "summary.json")
-        drifts = scenario.schedule.drift_steps() if scenario.schedule is not None else ()
-        plot = plot_run(record, drifts, folder / "accuracy.png")
+        plot = plot_run(
+            whole, summary["drift_steps"], folder / "accuracy.png", detected_drifts(whole)
+        )
         if plot is not None:
             tracker.log_artifact(plot)
         status = "FINISHED"
@@ -208,4 +331,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_context(context)
     folder = run_dir(cfg, context)
     engine = str(context.run_config.get("engine", "flower"))
+    if not context.run_config.get("run-dir"):
+        # Started by `flwr run .` itself, not by fedge's runner (which sizes and feeds).
+        cfg = _fit_to_federation(grid, cfg, folder)
     run_server(grid, cfg, folder, engine=engine)

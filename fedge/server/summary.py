@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from fedge.contracts.config import FedgeConfig
 from fedge.core.records import CampaignRecord, RunRecord, TickRecord, drift_recoveries
-from fedge.scenarios import Scenario
+from fedge.scenarios import ConceptSchedule, Scenario
 from fedge.tracking import Tracker, TrackingError, ui_command
 
 log = logging.getLogger("fedge.server")
@@ -33,6 +35,139 @@ def log_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
         )
 
 
+#: A device's detector firing up to this many ticks after its true drift caught that drift.
+DETECTION_WINDOW = 3
+#: Whether the run's data is the scenario generator's (so its schedule is the truth), decided once.
+TRUTH_FILE = "drift-truth.json"
+#: The source the simulated device application writes its inbox batches with.
+SCENARIO_SOURCE = "scenario"
+
+
+def detected_drifts(record: RunRecord) -> dict[int, list[int]]:
+    """Per device, the ticks at which its drift detector fired, from its drift reports.
+
+    Reports that arrived late (store and forward) count at the tick they describe.
+
+    Parameters
+    ----------
+    record : RunRecord
+        The run's ticks and late reports.
+
+    Returns
+    -------
+    dict of int to list of int
+        Device id to its sorted detection ticks; devices whose detector never fired are absent.
+    """
+    fired: dict[int, set[int]] = {}
+    for tick in record.ticks:
+        for device in tick.drifted:
+            fired.setdefault(int(device), set()).add(tick.tick)
+    for late in record.late:
+        for device in late.drifted:
+            fired.setdefault(int(device), set()).add(late.tick)
+    return {device: sorted(ticks) for device, ticks in sorted(fired.items())}
+
+
+def score_detections(
+    detected: Mapping[int, Sequence[int]],
+    truth: Iterable[tuple[int, int]],
+    within: int = DETECTION_WINDOW,
+) -> dict[str, Any]:
+    """Set each device's detections beside its true drifts: caught, missed, false alarm.
+
+    A true drift of a device at tick ``s`` is *caught* by that device's first
+    unused detection in ``s .. s + within`` (and before its next true drift);
+    otherwise it is *missed*. A detection that catches no drift is a *false alarm*.
+
+    Parameters
+    ----------
+    detected : mapping of int to sequence of int
+        Device id to its detection ticks (:func:`detected_drifts`).
+    truth : iterable of (int, int)
+        ``(device, tick)`` of every true drift (``ConceptSchedule.drift_points()``).
+    within : int, default DETECTION_WINDOW
+        How many ticks after the drift a detection still catches it.
+
+    Returns
+    -------
+    dict
+        ``within``, the totals ``caught``, ``missed``, ``false_alarms`` and
+        ``devices``: one entry per device with a true drift or a detection
+        (``device``, ``true``, ``caught`` as ``{"drift", "detected", "delay"}``,
+        ``missed``, ``false_alarms``).
+    """
+    true_of: dict[int, list[int]] = {}
+    for device, step in truth:
+        true_of.setdefault(int(device), []).append(int(step))
+    devices = []
+    for device in sorted(set(true_of) | set(detected)):
+        steps = sorted(true_of.get(device, []))
+        unused = sorted(detected.get(device, []))
+        caught, missed = [], []
+        for i, step in enumerate(steps):
+            last = step + within
+            if i + 1 < len(steps):
+                last = min(last, steps[i + 1] - 1)
+            hit = next((t for t in unused if step <= t <= last), None)
+            if hit is None:
+                missed.append(step)
+            else:
+                unused.remove(hit)
+                caught.append({"drift": step, "detected": hit, "delay": hit - step})
+        devices.append(
+            {"device": device, "true": steps, "caught": caught, "missed": missed,
+             "false_alarms": unused}
+        )
+    return {
+        "within": within,
+        "caught": sum(len(d["caught"]) for d in devices),
+        "missed": sum(len(d["missed"]) for d in devices),
+        "false_alarms": sum(len(d["false_alarms"]) for d in devices),
+        "devices": devices,
+    }
+
+
+def _inbox_sources(devices: Path) -> set[str] | None:
+    """The sources the inboxes in ``devices`` were written with (None: no inbox there).
+
+    Only the batches' ``source`` labels are read (never a row), read-only.
+    An inbox that cannot be read counts as an unknown source.
+    """
+    found: set[str] = set()
+    paths = sorted(devices.glob("device-*.inbox.sqlite")) if devices.is_dir() else []
+    if not paths:
+        return None
+    for path in paths:
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                found.update(str(row[0]) for row in db.execute("SELECT DISTINCT source FROM batches"))
+        except sqlite3.Error:
+            found.add("?")
+    return found
+
+
+def drift_truth(scenario: Scenario, folder: Path) -> ConceptSchedule | None:
+    """The schedule of true drifts, when the devices' data is the scenario generator's.
+
+    The generator's schedule is the truth only for rows the generator made: when
+    every device inbox in the run folder holds only batches the simulated
+    device application wrote (source ``"scenario"``). Rows a user ingested, or
+    devices whose inboxes live elsewhere, have no known truth (None). Decided
+    when the run starts and kept in ``<folder>/drift-truth.json``, so a resumed
+    run (whose inboxes the devices have pruned) decides the same.
+    """
+    path = folder / TRUTH_FILE
+    try:
+        known = bool(json.loads(path.read_text(encoding="utf-8"))["known"])
+    except (OSError, ValueError, KeyError, TypeError):
+        sources = _inbox_sources(folder / "devices")
+        known = sources is not None and sources <= {SCENARIO_SOURCE}
+        folder.mkdir(parents=True, exist_ok=True)
+        shown = sorted(sources or ())[:10]
+        path.write_text(json.dumps({"known": known, "sources": shown}), encoding="utf-8")
+    return scenario.schedule if known else None
+
+
 def build_summary(
     cfg: FedgeConfig,
     record: RunRecord,
@@ -41,8 +176,16 @@ def build_summary(
     uri: str,
     folder: Path,
     engine: str,
+    truth: ConceptSchedule | None = None,
 ) -> dict[str, Any]:
     """Everything a person wants to know after a run, JSON-ready.
+
+    ``detected_drifts`` lists, per device, the ticks its detector fired (from
+    its drift reports). Where the truth is known (``truth``, the generator's
+    schedule, see :func:`drift_truth`), ``drift_truth`` scores those detections
+    against it (:func:`score_detections`) and ``drift_steps`` and
+    ``recoveries`` describe the accuracy around each true drift; without a
+    truth ``drift_truth`` is None and both lists are empty.
 
     ``tracking`` says whether the run's MLflow writes landed or wait in its outbox
     (the tracking server unreachable); then ``versions`` lists the versions this
@@ -59,8 +202,8 @@ def build_summary(
             {"version": v["version"], "aliases": [], "tags": {}, "state": v["state"]}
             for v in tracking["versions"]
         ]
-    # The devices' own data has no known schedule (``schedule`` is None).
-    schedule_drifts = scenario.schedule.drift_steps() if scenario.schedule is not None else ()
+    detected = detected_drifts(record)
+    steps = list(truth.drift_steps()) if truth is not None else []
     return {
         "scenario": cfg.scenario.name,
         "engine": engine,
@@ -72,8 +215,13 @@ def build_summary(
         "policy": cfg.trigger.policy,
         "resumed_from": record.resumed_from,
         "champion": record.champion,
-        "drift_steps": list(schedule_drifts),
-        "recoveries": [asdict(r) for r in drift_recoveries(record, schedule_drifts)],
+        "devices": scenario.n_clients,
+        "detected_drifts": {str(d): ticks for d, ticks in detected.items()},
+        "drift_truth": (
+            score_detections(detected, truth.drift_points()) if truth is not None else None
+        ),
+        "drift_steps": steps,
+        "recoveries": [asdict(r) for r in drift_recoveries(record, steps)],
         "campaigns": [asdict(c) for c in record.campaigns],
         "ticks": [asdict(t) for t in record.ticks],
         "versions": versions,
@@ -84,8 +232,26 @@ def build_summary(
     }
 
 
-def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path | None:
-    """Accuracy per tick with drifts and campaigns marked."""
+def plot_run(
+    record: RunRecord,
+    drift_steps: Sequence[int],
+    path: Path,
+    detected: Mapping[int, Sequence[int]] | None = None,
+) -> Path | None:
+    """Accuracy per tick with true drifts, detections and campaigns marked.
+
+    Parameters
+    ----------
+    record : RunRecord
+        The run.
+    drift_steps : sequence of int
+        Ticks of the true drifts (empty when the truth is unknown): red dashed lines.
+    path : Path
+        Where the PNG goes.
+    detected : mapping of int to sequence of int, optional
+        Per device, the ticks its detector fired (:func:`detected_drifts`): a
+        marker at each such tick, labelled with how many devices fired.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +264,17 @@ def plot_run(record: RunRecord, drift_steps: Sequence[int], path: Path) -> Path 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(ticks, acc, marker="o", label="prequential accuracy")
     for i, step in enumerate(drift_steps):
-        ax.axvline(step, color="red", linestyle="--", alpha=0.6, label="drift" if i == 0 else None)
+        ax.axvline(step, color="red", linestyle="--", alpha=0.6, label="true drift" if i == 0 else None)
+    fired: dict[int, int] = {}
+    for ticks_of_device in (detected or {}).values():
+        for tick in ticks_of_device:
+            fired[tick] = fired.get(tick, 0) + 1
+    if fired:
+        xs = sorted(fired)
+        ax.scatter(xs, [0.04] * len(xs), marker="^", color="darkorange", zorder=3,
+                   label="detected (devices)")
+        for x in xs:
+            ax.annotate(str(fired[x]), (x, 0.07), ha="center", fontsize=7, color="darkorange")
     for i, c in enumerate(record.campaigns):
         ax.axvline(
             c.tick + 0.5,
