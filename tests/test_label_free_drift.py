@@ -10,7 +10,7 @@ import pytest
 from inprocess_helpers import run_captured
 
 from clients.detector_codecs import MonitorStateError
-from clients.inbox import ingest, inbox_path
+from clients.inbox import inbox_path, ingest
 from clients.label_free import LabelFreeMonitor
 from clients.two_sample import corrected, ks_test, mmd_test
 from fedge.contracts.config import ConfigError
