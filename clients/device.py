@@ -25,6 +25,13 @@ import numpy as np
 import torch
 
 from clients.inbox import Batch, Inbox, InboxSchema, inbox_path, read_schema
+from clients.label_free import (
+    LabelFreeMonitor,
+    LabelFreeUpdate,
+    class_probabilities,
+    persist_label_free,
+    restore_label_free,
+)
 from clients.monitor import DriftMonitor, MonitorStateError
 from clients.store import DeviceStore
 from clients.validation import validate_rows
@@ -125,6 +132,10 @@ class Device:
             self.monitor = DriftMonitor(
                 cfg.monitor.detector, cfg.monitor.params, seed=cfg.scenario.seed + device_id
             )
+        self.label_free = restore_label_free(
+            self.store,
+            LabelFreeMonitor.from_config(cfg.monitor, cfg.scenario.seed + device_id),
+        )
         raw = self.store.get_state(COUNTERS_KEY)
         self.counters: dict[str, int] = json.loads(raw) if raw else {"rejected_total": 0}
         deployed = self.store.get_model()
@@ -200,9 +211,20 @@ class Device:
                 self.store.put_state(FAMILY_KEY, new_family)
             elif self.version != version:
                 self.monitor.reset()
+            self._install_label_free()
             self._persist()
         self.version = version
         return True
+
+    def _install_label_free(self) -> None:
+        """Re-take the input reference; calibrate the confidence on the labelled holdout."""
+        if not self.label_free.enabled:
+            return
+        x, _, _ = self.store.window()
+        _, _, xh, yh = self._split()
+        probs = class_probabilities(self.task, self._model, self._shaped(xh)) if len(yh) else None
+        correct = None if probs is None else probs.argmax(axis=1) == yh
+        self.label_free.install(x, probs, correct)
 
     def _model_verifier(self) -> ModelVerifier | None:
         """The server's public key this device checks models with (None: it has none).
@@ -326,10 +348,11 @@ class Device:
             n_errors = int(errors.sum())
             update = self.monitor.update(errors)
             drift, n_drifts = update.drift, update.n_drifts
+        free = self._label_free_tick(rows.x)
         self.counters["rejected_total"] += rejected["total"]
         # Window, detector, counters and the outbox move together or not at all.
         with self.store.transaction():
-            if drift and self.cfg.monitor.reset_window_on_drift:
+            if (drift or free.drift) and self.cfg.monitor.reset_window_on_drift:
                 # The window is the training data of the next campaign: keep only
                 # samples of the new concept.
                 self.store.drop_before(tick)
@@ -351,6 +374,7 @@ class Device:
                 rejected_unknown_label=rejected["unknown_label"],
                 **self._audit_anchor(),
                 **self._refusal_fields(),
+                **free.fields(),
             )
             self._record(report)
             self._persist()
@@ -361,6 +385,14 @@ class Device:
         if rejected["total"]:
             log.info("device %d tick %d: rejected %s", self.device_id, tick, rejected)
         return report
+
+    def _label_free_tick(self, x: np.ndarray) -> LabelFreeUpdate:
+        """Input test on every valid row; the deployed model's confidence on them."""
+        if not self.label_free.enabled or not len(x):
+            return LabelFreeUpdate()
+        deployed = self.version > 0 and self.label_free.needs_confidence
+        probs = class_probabilities(self.task, self._model, self._shaped(x)) if deployed else None
+        return self.label_free.observe(x, probs)
 
     # -- store and forward -------------------------------------------------------------------
     @property
@@ -470,6 +502,7 @@ class Device:
 
     def _persist(self) -> None:
         self.store.put_state(MONITOR_KEY, self.monitor.to_bytes())
+        persist_label_free(self.store, self.label_free)
         self.store.put_state(COUNTERS_KEY, json.dumps(self.counters).encode())
         self._generation = os.urandom(8)
         self.store.put_state(GENERATION_KEY, self._generation)

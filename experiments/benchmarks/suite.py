@@ -17,7 +17,10 @@ from experiments.benchmarks.common import Figure, machine
 from fedge.contracts.config import PROJECT_ROOT
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"
-BENCHMARKS = ("engine", "overhead", "aggregation", "device", "communication", "mlflow", "encryption")
+BENCHMARKS = (
+    "engine", "overhead", "aggregation", "device", "communication", "mlflow", "encryption",
+    "label-free",
+)
 
 
 def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
@@ -27,6 +30,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         encryption,
         engine,
         footprint,
+        label_free,
         overhead,
         tracking_cost,
     )
@@ -40,6 +44,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
             "communication": lambda: communication.run(codecs=("none", "int8")),
             "mlflow": lambda: tracking_cost.run(versions=2, ticks=20),
             "encryption": lambda: encryption.run(ticks=10, repeat=3),
+            "label-free": lambda: label_free.run(n_ticks=20),
         }
     return {
         "engine": lambda: engine.run(sizes=(10, 100, 1000), rounds=2),
@@ -49,6 +54,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         "communication": communication.run,
         "mlflow": tracking_cost.run,
         "encryption": encryption.run,
+        "label-free": label_free.run,
     }
 
 
@@ -181,6 +187,12 @@ METHOD = """
    repetitions of 30 ticks that alternate between the two stores, with the
    spread of the repetitions. Opening is the best of 5 opens of the full store
    (the sealed one authenticates every record before the device uses it).
+8. **Label-free**: `experiments/benchmarks/label_free.py`; every detector fed
+   the same ticks of 100 rows in one run: the label-based ADWIN their 0/1
+   errors, the prediction monitor (ADWIN on the max-probability stream and the
+   calibrated estimate) two-class probabilities, the input tests the rows
+   against a reference of 200 (KS per feature with Holm, MMD with 200
+   permutations). Per sample is the tick's time over its 100 rows.
 """
 
 

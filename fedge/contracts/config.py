@@ -17,9 +17,12 @@ The file layout mirrors the dataclasses below::
     [scenario]            name, generator, seed, clients, ticks, samples_per_tick, ...
     [scenario.schedule]   kind = "sudden" | "staggered" | "stationary" | "matrix", ...
     [scenario.generator_params]
-    [monitor]             detector, window, reset_window_on_drift
+    [monitor]             detector, window, reset_window_on_drift, input_test,
+                          input_alpha, input_correction, reference_size,
+                          mmd_permutations, prediction, prediction_detector, calibrate
     [monitor.params]      keyword arguments of the river detector
-    [trigger]             policy, quorum, cooldown, period
+    [trigger]             policy, quorum, cooldown, period, signals, accuracy_floor,
+                          accuracy_source
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
     [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
@@ -45,6 +48,9 @@ key                                              allowed
 clients x ticks                                  at most 10 000 000
 clients x ticks x samples_per_tick (rows fed)    at most 100 000 000
 ``monitor.window``                               10 .. 1000000
+``monitor.reference_size``                       10 .. 10000
+``monitor.mmd_permutations``                     10 .. 10000
+``monitor.input_alpha``                          0.000001 .. 0.5
 ``trigger.cooldown``, ``trigger.period``         up to 100000
 ``campaign.rounds``, ``campaign.initial_rounds`` 1 .. 1000
 ``campaign.local_epochs``                        1 .. 1000
@@ -144,12 +150,34 @@ class ScenarioConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """The on-device drift monitor and the bounded sample window."""
+    """The on-device drift monitor and the bounded sample window.
+
+    ``detector`` watches the prequential errors of labelled rows. The label-free
+    signals (docs/monitoring.md) are off by default and combine with it:
+    ``input_test`` tests each tick's inputs against a reference window of
+    ``reference_size`` rows re-taken at every model install (``ks`` per feature
+    with ``input_correction`` over the features, ``mmd`` one multivariate test
+    with ``mmd_permutations``, ``auto`` KS up to 32 features, MMD above), flagged
+    at ``input_alpha``; ``prediction`` feeds the model's per-sample
+    ``confidence`` (max-probability) or normalised ``entropy`` to
+    ``prediction_detector`` and reports an estimated accuracy (mean confidence,
+    calibrated on the labelled holdout at install when ``calibrate``).
+    """
 
     detector: str = "ADWIN"
     params: dict[str, Any] = field(default_factory=dict)
     window: int = field(default=500, metadata=_between(10, MAX_WINDOW))
     reset_window_on_drift: bool = True
+    input_test: str = field(default="none", metadata=_choice("none", "auto", "ks", "mmd"))
+    input_alpha: float = field(default=0.01, metadata=_between(1e-6, 0.5))
+    input_correction: str = field(default="holm", metadata=_choice("bonferroni", "holm", "bh"))
+    reference_size: int = field(default=200, metadata=_between(10, 10_000))
+    mmd_permutations: int = field(default=200, metadata=_between(10, 10_000))
+    prediction: str = field(default="none", metadata=_choice("none", "confidence", "entropy"))
+    prediction_detector: str = field(
+        default="ADWIN", metadata=_choice("ADWIN", "KSWIN", "PageHinkley")
+    )
+    calibrate: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,12 +185,23 @@ class TriggerConfig:
     """When the server starts a retraining campaign.
 
     ``quorum`` below 1 is a fraction of the polled devices, 1 or more a count.
+    ``signals`` is which drift flags count toward it: ``label`` (the prequential
+    detector), ``label-free`` (input or prediction drift) or ``either``.
+    ``accuracy_floor`` above 0 starts a campaign, quorum or not, when a model's
+    accuracy over its reporting devices is below it (a poor but stable
+    champion); ``accuracy_source`` says which: ``measured`` (labelled rows),
+    ``estimated`` (confidence) or ``either`` (measured where labels exist).
     """
 
     policy: str = field(default="quorum", metadata=_choice("quorum", "periodic", "always", "never"))
     quorum: float = field(default=0.3, metadata=_between(0.0, MAX_CLIENTS))
     cooldown: int = field(default=2, metadata=_between(0, MAX_TICKS))
     period: int = field(default=4, metadata=_between(1, MAX_TICKS))
+    signals: str = field(default="either", metadata=_choice("label", "label-free", "either"))
+    accuracy_floor: float = field(default=0.0, metadata=_between(0.0, 1.0))
+    accuracy_source: str = field(
+        default="either", metadata=_choice("measured", "estimated", "either")
+    )
 
 
 @dataclass(frozen=True)

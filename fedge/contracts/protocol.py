@@ -37,6 +37,7 @@ train reply holds model weights and a loss, an evaluate reply holds accuracies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -104,6 +105,11 @@ def scored_correct(slot: int) -> str:
 
 SCORE_KEYS: tuple[str, ...] = tuple(scored_correct(i) for i in range(MAX_SCORED_MODELS))
 
+#: Drift signals a report may carry: the prequential (label-based) detector, the
+#: label-free input test and the label-free prediction (confidence) detector.
+DRIFT_SIGNALS: tuple[str, ...] = ("label", "input", "prediction")
+LABEL_FREE_SIGNALS: tuple[str, ...] = ("input", "prediction")
+
 #: Metric names a device may send, per reply type.
 DEVICE_METRICS: dict[str, tuple[str, ...]] = {
     "train": (NUM_EXAMPLES, TRAIN_LOSS),
@@ -151,6 +157,24 @@ class DriftReport:
     model_refusal : int, default 0
         Why the last one was refused, as a code of
         :data:`fedge.contracts.signing.REFUSAL_CODES` (0: none refused).
+    input_tested : bool, default False
+        Whether the label-free input test ran on this tick's rows
+        (:mod:`clients.label_free`).
+    drift_input : bool, default False
+        The input test flagged this tick's inputs against the reference window.
+    input_statistic : float, default 0.0
+        The test's statistic (largest per-feature KS distance, or squared MMD).
+    input_p_value : float, default 1.0
+        Its p-value, corrected over the features for KS (1.0: not tested).
+    drift_prediction : bool, default False
+        The river detector on the model's confidence (or entropy) stream fired.
+    confidence : float, default 0.0
+        Mean max-probability of the deployed model on this tick's rows (0: none).
+    estimated_accuracy : float, default -1.0
+        Accuracy estimated from confidence, calibrated at install (-1: none).
+
+    ``drift`` stays the label-based detector's flag; :attr:`signals` names every
+    signal that fired.
     """
 
     device: int
@@ -170,6 +194,24 @@ class DriftReport:
     audit_head_lo: int = 0
     models_refused: int = 0
     model_refusal: int = 0
+    input_tested: bool = False
+    drift_input: bool = False
+    input_statistic: float = 0.0
+    input_p_value: float = 1.0
+    drift_prediction: bool = False
+    confidence: float = 0.0
+    estimated_accuracy: float = -1.0
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The drift signals that fired this tick, of :data:`DRIFT_SIGNALS`."""
+        fired = (self.drift, self.drift_input, self.drift_prediction)
+        return tuple(name for name, on in zip(DRIFT_SIGNALS, fired, strict=True) if on)
+
+    @property
+    def estimate(self) -> float | None:
+        """The confidence-based accuracy estimate, None when the device made none."""
+        return self.estimated_accuracy if self.estimated_accuracy >= 0 else None
 
     @property
     def rejected(self) -> int:
@@ -197,11 +239,17 @@ class DriftReport:
                     continue
                 raise ValueError(f"drift report: missing field {f.name!r}")
             value = data[f.name]
-            want = bool if f.type in ("bool", bool) else int
+            want = {"bool": bool, bool: bool, "float": float, float: float}.get(f.type, int)
             if want is bool and not isinstance(value, bool):
                 raise ValueError(f"drift report: field {f.name!r} must be a bool, got {value!r}")
             if want is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"drift report: field {f.name!r} must be an int, got {value!r}")
+            if want is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"drift report: field {f.name!r} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"drift report: field {f.name!r} must be finite, got {value!r}")
+                value = float(value)
             values[f.name] = value
         return cls(**values)
 

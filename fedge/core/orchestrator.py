@@ -64,7 +64,9 @@ from fedge.core.records import (
     LateRecord,
     RunRecord,
     TickRecord,
+    fired_signals,
     tick_accuracy,
+    tick_estimated_accuracy,
 )
 from fedge.core.resume import RUN_KEY_TAG, restore, snapshot
 from fedge.core.triggers import INITIAL, Decision, TriggerPolicy
@@ -245,6 +247,8 @@ class Orchestrator:
             n_samples=sum(r.n_samples for r in reports),
             champion=self._champion_version(),
             late_reports=len(late),
+            signals=fired_signals(reports),
+            estimated_accuracy=tick_estimated_accuracy(reports),
         )
         self.record.ticks.append(rec)
         metrics = {
@@ -259,6 +263,8 @@ class Orchestrator:
             metrics["models_in_pool"] = float(len(self.pool))
         if acc is not None:
             metrics["prequential_accuracy"] = acc
+        if rec.estimated_accuracy is not None:
+            metrics["estimated_accuracy"] = rec.estimated_accuracy
         self.tracker.log_metrics(metrics, step=tick)
         if plan.reasons:
             self.tracker.log_event(
@@ -402,6 +408,7 @@ class Orchestrator:
                 "reason": reason,
                 "cluster": key,
                 "devices": list(devices),
+                "signals": {k: list(v) for k, v in decision.signals.items()},
                 "reports": [r.to_dict() for r in reports if r.device in members],
             },
         )
@@ -468,6 +475,7 @@ class Orchestrator:
             champion_acc=outcome.champion_acc,
             rounds=len(outcome.rounds),
             cluster=key,
+            signals=tuple(decision.signals),
         )
         self.record.campaigns.append(record)
         self.tracker.log_event("campaign", tick, asdict(record))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedge.contracts.protocol import DriftReport
+from fedge.contracts.protocol import DRIFT_SIGNALS, DriftReport
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class CampaignRecord:
     rounds: int
     #: The cluster (model lineage) the campaign trained; 0 for a single model.
     cluster: int = 0
+    #: The evidence the trigger rested on: drift signals (``label``, ``input``,
+    #: ``prediction``) and ``accuracy-floor``; empty for the initial or a periodic one.
+    signals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class TickRecord:
     refused: str = ""
     #: Reports of earlier ticks that arrived with this tick's poll (store and forward).
     late_reports: int = 0
+    #: Each drift signal that fired this tick and the devices it fired on.
+    signals: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Sample-weighted confidence-based accuracy estimate of the devices that made one.
+    estimated_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,25 @@ def tick_accuracy(reports: Sequence[DriftReport]) -> float | None:
     if n == 0:
         return None
     return 1.0 - sum(r.n_errors for r in scored) / n
+
+
+def tick_estimated_accuracy(reports: Sequence[DriftReport]) -> float | None:
+    """Sample-weighted confidence-based accuracy estimate over the devices that made one."""
+    scored = [r for r in reports if r.estimate is not None and r.n_samples]
+    n = sum(r.n_samples for r in scored)
+    if n == 0:
+        return None
+    return sum(r.estimated_accuracy * r.n_samples for r in scored) / n
+
+
+def fired_signals(reports: Sequence[DriftReport]) -> dict[str, tuple[int, ...]]:
+    """Each drift signal that fired in ``reports`` and the devices it fired on."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name in DRIFT_SIGNALS:
+        devices = tuple(sorted(r.device for r in reports if name in r.signals))
+        if devices:
+            out[name] = devices
+    return out
 
 
 def summarize_history(history: Sequence[ClusterTick]) -> list[dict[str, Any]]:

@@ -253,6 +253,9 @@ def run_server(
                 quorum=cfg.trigger.quorum,
                 cooldown=cfg.trigger.cooldown,
                 period=cfg.trigger.period,
+                signals=cfg.trigger.signals,
+                accuracy_floor=cfg.trigger.accuracy_floor,
+                accuracy_source=cfg.trigger.accuracy_source,
             ),
             # The task's own initialisation under the run's seed, for every layer type.
             task.initial_weights(
