@@ -14,6 +14,7 @@ to end it at once and mark it finished).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -190,6 +191,13 @@ def run(
     """
     plan = plan_run(request, run_dir)
     cfg, folder = plan.cfg, plan.folder
+    if cfg.run.client_app and request.engine != "inprocess":
+        raise ConfigError(
+            f"run.client_app: only the in-process engine takes it; {request.engine} runs the "
+            "clientapp of the app's pyproject.toml ([tool.flwr.app.components])"
+        )
+    if cfg.run.client_app:
+        load_client_app(cfg.run.client_app)  # refused before anything is created
     stored = folder / CONFIG_FILE
     # The output folder holds the registry and the state even when the run folder
     # is elsewhere (``--run-dir``); it is created here, after every check passed.
@@ -235,6 +243,32 @@ def feed_device(cfg: FedgeConfig, device: int, store_path: Path) -> None:
     feed_scenario(cfg, device, inbox_path(store_path))
 
 
+def load_client_app(spec: str) -> Any:
+    """The ClientApp named ``module:attribute`` (``""``: fedge's own).
+
+    Raises
+    ------
+    ConfigError
+        Not of that form, not importable, or not a Flower ClientApp (one line).
+    """
+    from flwr.clientapp import ClientApp
+
+    if not spec:
+        from clients.client_app import app
+
+        return app
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"run.client_app: {spec!r} is not of the form 'module:attribute'")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # noqa: BLE001  # the user's module: any failure is one line
+        raise ConfigError(f"run.client_app: {spec!r} cannot be loaded ({type(exc).__name__}: {exc})") from None
+    if not isinstance(found, ClientApp):
+        raise ConfigError(f"run.client_app: {spec!r} is a {type(found).__name__}, not a Flower ClientApp")
+    return found
+
+
 def run_inprocess(
     cfg: FedgeConfig,
     run_config: dict[str, Any],
@@ -243,12 +277,12 @@ def run_inprocess(
     on_tick: TickCallback | None = None,
 ) -> dict[str, Any]:
     """The ServerApp's loop over an :class:`InProcessGrid` of ClientApps."""
-    from clients.client_app import app as client_app
     from clients.client_app import forget_devices
     from fedge.engines.inprocess import InProcessGrid
     from fedge.server.app import run_server
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    client_app = load_client_app(cfg.run.client_app)
     grid = InProcessGrid(client_app, cfg.scenario.clients, run_config, workers=cfg.run.workers)
     started = time.perf_counter()
     try:

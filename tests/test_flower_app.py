@@ -11,6 +11,7 @@ changed).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,12 @@ def _write_inboxes(folder: Path) -> None:
 def _overrides(out: Path, task: str = "digitsexample.fedge_task") -> list[str]:
     return [
         'scenario.name="flower-app"',
-        'scenario.generator="digits-swap"',  # sets the row width (64) and classes (10) only
+        # The nodes' own data (written below); no generator is involved.
+        'data.source="inbox"',
+        "data.n_features=64",
+        "data.n_classes=10",
         f"scenario.clients={CLIENTS}",
         f"scenario.ticks={TICKS}",
-        f"scenario.schedule.at={DRIFT_AT}",
         f'model.task="{task}"',
         "campaign.rounds=4",
         "campaign.initial_rounds=4",
@@ -339,3 +342,34 @@ def test_the_wrapper_loads_only_device_code() -> None:
     loaded = set(out.stdout.split())
     forbidden = ("fedge.server", "fedge.core", "fedge.tracking", "fedge.scenarios", "mlflow", "sklearn")
     assert not {m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")}
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("clients.client_app", "is not of the form 'module:attribute'"),
+        ("no_such_fedge_app:app", "cannot be loaded (ModuleNotFoundError"),
+        ("json:dumps", "is a function, not a Flower ClientApp"),
+    ],
+)
+def test_run_client_app_names_a_flower_client_app_or_is_refused_in_one_line(spec: str, says: str) -> None:
+    from fedge.contracts.config import ConfigError
+    from fedge.runner import load_client_app
+
+    with pytest.raises(ConfigError, match=re.escape(says)) as refused:
+        load_client_app(spec)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_wrapped_app_named_in_run_client_app_is_what_fedge_run_loads(tmp_path: Path) -> None:
+    from clients.client_app import app as fedge_app
+    from fedge.contracts.config import ConfigError
+    from fedge.runner import RunRequest, load_client_app, run
+
+    assert load_client_app("") is fedge_app
+    wrapped = load_client_app("digitsexample.monitored_app:app")
+    assert isinstance(wrapped, ClientApp) and wrapped is not fedge_app
+    with pytest.raises(ConfigError, match="only the in-process engine takes it"):
+        run(RunRequest(None, ('run.client_app="digitsexample.monitored_app:app"',
+                              f'run.output_dir="{tmp_path}"'), "simulation"))
+    assert not any(tmp_path.iterdir()), "refused before anything was created"

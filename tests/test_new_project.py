@@ -34,7 +34,7 @@ def test_new_project_has_its_files_and_its_test_and_run_work(
     code, out = _new(tmp_path, monkeypatch, "demo")
     assert code == 0, out
     project = tmp_path / "demo"
-    for rel in ("demo/__init__.py", "demo/task.py", "fedge.toml", "README.md", "pyproject.toml",
+    for rel in ("demo/__init__.py", "demo/task.py", "demo/data.py", "fedge.toml", "README.md", "pyproject.toml",
                 "tests/test_task.py"):
         assert (project / rel).is_file(), rel
     readme = (project / "README.md").read_text()
@@ -46,10 +46,9 @@ def test_new_project_has_its_files_and_its_test_and_run_work(
         cwd=project, env=_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert tests.returncode == 0, tests.stdout[-2000:] + tests.stderr[-2000:]
-    assert "3 passed" in tests.stdout
+    assert "4 passed" in tests.stdout
 
-    short = ["--set", "scenario.ticks=6", "--set", "scenario.schedule.at=3",
-             "--set", "campaign.initial_rounds=3", "--set", "campaign.rounds=2"]
+    short = ["--set", "scenario.ticks=8", "--set", "campaign.initial_rounds=3", "--set", "campaign.rounds=2"]
     fedge_run = subprocess.run(
         [sys.executable, "-m", "fedge.cli", "run", "--quiet", *short],
         cwd=project, env=_env(), capture_output=True, text=True, timeout=300, check=False,
@@ -62,6 +61,9 @@ def test_new_project_has_its_files_and_its_test_and_run_work(
     assert summary["config"]["model.task"] == "demo.task"
     assert summary["versions"], "a model version was registered"
     assert any(v["tags"].get("fedge.task") == "demo.task" for v in summary["versions"])
+    # The project's own data module fed the devices: no generator, so no schedule.
+    assert summary["config"]["data.source"] == "python" and summary["drift_steps"] == []
+    assert all(t["n_samples"] == 4 * 120 for t in summary["ticks"][1:])
 
 
 def test_a_folder_that_is_not_empty_is_refused_untouched(

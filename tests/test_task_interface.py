@@ -134,6 +134,32 @@ def _check_cnn_champion(summary: dict) -> None:
     assert torch.allclose(ours, theirs, atol=1e-5)
     acc = float((theirs.argmax(1).numpy() == y[:200]).mean())
     assert acc > 0.5, f"the federated CNN learned the digits (accuracy {acc:.2f})"
+    _check_loads_as_the_users_class(summary, images, theirs)
+
+
+def _check_loads_as_the_users_class(summary: dict, images: torch.Tensor, expected: torch.Tensor) -> None:
+    """fedge.models.load_model gives the task's own class back, and refuses changed weights."""
+    import digits_cnn
+    import mlflow
+
+    from fedge.models import ModelLoadError, load_model
+
+    uri = summary["tracking_uri"]
+    from fedge.contracts.signing import public_key_path
+
+    key = public_key_path(Path(summary["config"]["run.output_dir"]))
+    assert key.is_file(), key
+    net = load_model("fedge-task-test", tracking_uri=uri, public_key=key)
+    assert type(net) is digits_cnn.Net, type(net)
+    with torch.no_grad():
+        assert torch.allclose(net(images), expected, atol=1e-5)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("fedge-task-test", "champion").version
+    client.set_model_version_tag("fedge-task-test", version, "fedge.model_sha256", "00" * 32)
+    with pytest.raises(ModelLoadError, match="do not match their registered digest"):
+        load_model("fedge-task-test", tracking_uri=uri)
+    with pytest.raises(ModelLoadError, match="no alias 'nope'"):
+        load_model("fedge-task-test", tracking_uri=uri, alias="nope")
 
 
 def _signature_shape(summary: dict) -> list:

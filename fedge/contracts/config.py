@@ -371,9 +371,16 @@ class RunConfig:
 
     ``model_public_key`` is the server's model-signing public key a device
     checks every model with; empty means ``<output_dir>/state/model-signing.pub``.
+
+    ``client_app`` (``module:attribute``) is the ClientApp the in-process engine
+    runs on every device, e.g. a team's own Flower app wrapped with
+    :func:`clients.flower_app.with_fedge`; empty means fedge's own
+    (``clients.client_app:app``). Flower's engines take theirs from the app's
+    ``pyproject.toml`` (``[tool.flwr.app.components] clientapp``).
     """
 
     output_dir: str = "fedge-runs"
+    client_app: str = ""
     model_public_key: str = ""
     resume: bool = True
     reply_timeout: float = field(default=600.0, metadata=_between(0.1, 86400.0))

@@ -90,6 +90,11 @@ class MlflowRegistry:
             **tags,
             "fedge.task": self.task.name,
             "fedge.model_class": f"{cls.__module__}.{cls.__qualname__}",
+            # What rebuilds the class around the weights (fedge.models.load_model).
+            "fedge.n_features": str(self.n_features),
+            "fedge.n_outputs": str(self.n_outputs),
+            "fedge.model_hidden": str(self.cfg.model.hidden),
+            "fedge.model_layers": str(self.cfg.model.layers),
             SHA256_TAG: seal.sha256,
             SIGNATURE_TAG: seal.signature,
             SIGNING_KEY_TAG: seal.key,

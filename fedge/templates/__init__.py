@@ -18,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 #: Templates that go into the project's package (``NAME/NAME/``); the rest into ``NAME/``.
-PACKAGE_FILES = ("__init__.py", "task.py")
+PACKAGE_FILES = ("__init__.py", "task.py", "data.py")
 #: A package name that is also a scenario and model name (see fedge.contracts.config).
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 MAX_PROJECT_NAME = 64
