@@ -75,3 +75,24 @@ def test_a_federation_too_small_for_the_config_is_a_one_line_error() -> None:
     cfg = load_config(None, ["campaign.min_devices=3"])
     with pytest.raises(ConfigError, match="campaign.min_devices"):
         sized_to(cfg, 2)
+
+
+def test_a_bare_flwr_run_of_the_app_fits_flowers_two_nodes_and_shows_progress(tmp_path) -> None:
+    """`flwr run .` with only Flower's defaults (2 simulated nodes): it runs, sized to them, tick by tick."""
+    import json
+
+    from fedge.engines.simulation import run_flower_simulation
+
+    out = tmp_path / "out"
+    # No run-dir: exactly what a bare `flwr run .` passes (only the output folder and a
+    # short scenario are set here, so the test is quick and writes nothing in the checkout).
+    run_config = {"output-dir": str(out), "overrides": "scenario.ticks=5;scenario.schedule.at=3;campaign.initial_rounds=2;campaign.rounds=1"}
+    run_flower_simulation(run_config, num_supernodes=2, log_dir=tmp_path, timeout=900)
+    log = (tmp_path / "flower-simulation.log").read_text(errors="replace")
+    assert "the federation has 2 nodes, the scenario 6 devices: running it on 2" in log, log[-3000:]
+    ticks = [line for line in log.splitlines() if "fedge.server" in line and ": tick " in line]
+    assert len([t for t in ticks if "accuracy" in t]) >= 5, "one progress line per tick"
+    (summary_file,) = out.glob("*/run-*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["devices"] == 2 and len(summary["ticks"]) == 5
+    assert summary["ticks"][-1]["n_samples"] > 0, "the ServerApp fed the two devices' inboxes"
