@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import digits, importable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -40,16 +41,11 @@ CLIENTS, TICKS, DRIFT_AT, ROWS = 3, 7, 3, 120
 @pytest.fixture(autouse=True)
 def app_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``tests/flower_apps`` importable here and in every process a run starts."""
-    monkeypatch.syspath_prepend(str(APPS))
-    paths = [str(APPS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    importable(monkeypatch, APPS)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+    return digits()
 
 
 def _swap(y: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import digits, importable
 from torch import nn
 
 from clients.inbox import Inbox, inbox_path
@@ -30,16 +31,11 @@ CLIENTS, TICKS, DRIFT_AT, ROWS = 3, 6, 3, 120
 @pytest.fixture(autouse=True)
 def task_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``tests/tasks`` importable here and in every process a run starts."""
-    monkeypatch.syspath_prepend(str(TASKS))
-    paths = [str(TASKS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    importable(monkeypatch, TASKS)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+    return digits()
 
 
 def _overrides(task: str, out: Path) -> tuple[str, ...]:
