@@ -133,6 +133,9 @@ class FleetRegister:
         self._pending: list[dict[str, Any]] = []
         if path is not None and path.exists():
             self._replay(_read_lines(path))
+            self.cfg = cfg  # replayed under the settings it was written with; this run's from now
+        elif path is not None:
+            self._pending.append({"t": -1, "kind": "config", **_settings(cfg)})
 
     def __repr__(self) -> str:
         return f"FleetRegister(devices={len(self.devices)}, last_tick={self.last_tick}, path={self.path})"
@@ -166,7 +169,7 @@ class FleetRegister:
     def _observe(self, tick: int, health: DeviceHealth) -> None:
         e = self.entry(health.device)
         before = e.health
-        if before is None or before.model_version != health.model_version:
+        if health.model_version and (before is None or before.model_version != health.model_version):
             e.versions.append((tick, health.model_version))
         rose = before is not None and (
             health.models_refused > before.models_refused
@@ -258,10 +261,13 @@ class FleetRegister:
         lines, self._pending = self._pending, []
         if self.path is None or not lines:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)  # a file made by hand, or by an older version, is closed too
+        size = os.fstat(fd).st_size
+        # A line torn by a crash is closed first, so the next entry is a line of its own.
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
         with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))
+            fh.write("\n" * torn + "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))
 
     def _replay(self, lines: Iterable[Mapping[str, Any]]) -> None:
         for line in lines:
@@ -273,8 +279,17 @@ class FleetRegister:
                     self._error(tick, int(line["device"]), str(line["error"]))
                 elif kind == "tick":
                     self._close(tick)
+                elif kind == "config":
+                    self.cfg = FleetConfig(**{**_settings(self.cfg), **_settings(line)})
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("fleet register: skipped an unreadable entry (%s)", exc)
+
+
+def _settings(source: Any) -> dict[str, Any]:
+    """The status rules' settings of a config or of a register file's ``config`` line."""
+    get = source.get if isinstance(source, Mapping) else lambda k, d=None: getattr(source, k, d)
+    found = {"stale_ticks": int, "degraded_floor": float}
+    return {k: kind(get(k)) for k, kind in found.items() if get(k) is not None}
 
 
 def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
