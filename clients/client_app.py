@@ -8,6 +8,7 @@ replies with the records :mod:`fedge.contracts.protocol` allows.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.device import Device
 from clients.egress import make_egress_mod
+from clients.health import device_health, note_opened
 from clients.secagg import privacy_mods, register_secagg_actions
 from fedge.contracts import protocol as p
 from fedge.contracts.signing import ModelSeal
@@ -75,6 +77,7 @@ def device_for(context: Context) -> Device:
     if device is None:
         device = Device(config_from_context(context), device_id, path)
         _DEVICES[path] = device
+        note_opened(path)
     else:
         device.sync()
     return device
@@ -116,12 +119,15 @@ def query(msg: Message, context: Context) -> Message:
     """Monitoring tick: catch up missed ticks, deploy the champion if sent, report drift.
 
     The reply carries this tick's report and the outbox's older reports the
-    server has not acknowledged (store and forward), each with its own tick.
+    server has not acknowledged (store and forward), each with its own tick, and
+    the device's health (:mod:`clients.health`).
     """
+    started = time.monotonic()
     device = device_for(context)
     config = msg.content.config_records[p.CONFIG]
     tick = int(_number(config, p.TICK))
     device.acknowledge(_ticks(config, p.REPORTS_RECEIVED))
+    previous = device.last_tick
     # Ticks missed while unreachable are tested with the model the device had then.
     device.catch_up(tick)
     if p.ARRAYS in msg.content.array_records:
@@ -135,6 +141,7 @@ def query(msg: Message, context: Context) -> Message:
     content = RecordDict({p.REPORT: ConfigRecord(report.to_dict())})
     for slot, late in enumerate(device.backlog(tick)):
         content[p.late_report(slot)] = ConfigRecord(late.to_dict())
+    content[p.HEALTH] = ConfigRecord(device_health(device, report, previous, started).to_dict())
     return Message(content, reply_to=msg)
 
 

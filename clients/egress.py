@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from clients.health import note_failure
 from clients.secagg import secagg_egress_violations
 from fedge.contracts.compression import CODECS, encoded_shapes
 from fedge.contracts.protocol import COMPRESSION, CONFIG, EGRESS
@@ -134,6 +135,7 @@ def make_egress_mod(audit_path: Callable[[Context], Path]) -> Mod:
             reply = call_next(msg, context)
         except Exception as exc:  # noqa: BLE001 - the server hears of it, within the policy
             log.warning("handler %s failed on the device: %r", msg.metadata.message_type, exc)
+            note_failure(path, exc)  # the next health names its type (a code, no text)
             reply = Message(Error(HANDLER_FAILED, error_summary(exc)), reply_to=msg)
         problems = egress_violations(msg, reply)
         entry = describe(reply)

@@ -399,6 +399,24 @@ def audit_cmd(
         console.print(f"  entry {b['seq']}: {'; '.join(b['violations'])}", highlight=False)
 
 
+@app.command("fleet")
+def fleet_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds fleet.jsonl).")],
+    device: Annotated[int | None, typer.Argument(help="One device's history instead of the table.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only devices of this status.")] = None,
+    sort: Annotated[str, typer.Option(help="device, status, version, last_seen, accuracy, errors.")] = "device",
+    watch: Annotated[bool, typer.Option(help="Refresh while the run goes on (Ctrl-C ends).")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """The devices of a run: status, version, last seen, accuracy, drift, errors (docs/fleet.md)."""
+    from fedge.console_fleet import FleetError, show_fleet
+
+    try:
+        show_fleet(console, run_dir, device, status=status, sort=sort, watch=watch, interval=interval)
+    except FleetError as exc:
+        _fail(str(exc))
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds summary.json).")],

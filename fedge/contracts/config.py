@@ -31,6 +31,9 @@ The file layout mirrors the dataclasses below::
     [model]               task, hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume, reply_timeout, workers
+    [fleet]               stale_ticks, degraded_floor, history
+    [rollout]             mode, canary, waves, hold_ticks, max_drop, failure_share,
+                          min_failures
 
 Limits
 ------
@@ -388,6 +391,51 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """The server's fleet register (docs/fleet.md).
+
+    A device not heard from for ``stale_ticks`` ticks is ``stale``; one whose
+    live accuracy is below ``degraded_floor`` is ``degraded`` (0 turns that
+    off). ``history`` is how many entries per device the register keeps in
+    memory (the run folder's ``fleet.jsonl`` keeps them all).
+    """
+
+    stale_ticks: int = field(default=3, metadata=_between(1, MAX_TICKS))
+    degraded_floor: float = field(default=0.6, metadata=_between(0.0, 1.0))
+    history: int = field(default=200, metadata=_between(1, 100_000))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How a promoted model reaches the devices (docs/fleet.md).
+
+    ``immediate``: every device gets it at the next poll. ``staged``: a
+    ``canary`` cohort first (a fraction below 1 of the devices, or a whole
+    count), then ``waves`` widening waves, the last of which reaches every
+    device and moves the ``champion`` alias. A wave widens once the cohort's
+    live accuracy over ``hold_ticks`` ticks holds against the devices still on
+    the champion (same ticks); the rollout rolls back when it falls short by
+    more than ``max_drop``, or when more than ``failure_share`` of the cohort
+    (and at least ``min_failures`` devices) fail to install it or error.
+    """
+
+    mode: str = field(default="immediate", metadata=_choice("immediate", "staged"))
+    canary: float = field(default=0.2, metadata=_between(0.0, MAX_CLIENTS))
+    waves: int = field(default=1, metadata=_between(1, 100))
+    hold_ticks: int = field(default=2, metadata=_between(1, MAX_TICKS))
+    max_drop: float = field(default=0.05, metadata=_between(0.0, 1.0))
+    failure_share: float = field(default=0.3, metadata=_between(0.0, 1.0))
+    min_failures: int = field(default=1, metadata=_between(1, MAX_CLIENTS))
+
+    def __post_init__(self) -> None:
+        if self.canary <= 0 or (self.canary >= 1 and self.canary != int(self.canary)):
+            raise ConfigError(
+                f"rollout.canary: {self.canary!r} is neither a fraction in (0, 1) "
+                "nor a whole device count"
+            )
+
+
+@dataclass(frozen=True)
 class FedgeConfig:
     """The whole run configuration."""
 
@@ -401,6 +449,15 @@ class FedgeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.mode == "staged" and self.clustering.enabled:
+            raise ConfigError(
+                "rollout.mode: staged rolls out one model; clustering.enabled serves one per "
+                "cluster (set rollout.mode = \"immediate\")"
+            )
 
     @property
     def model_name(self) -> str:

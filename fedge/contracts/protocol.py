@@ -8,7 +8,8 @@ type       server -> device                        device -> server
 ========== ======================================= ==========================================
 query      ``config`` (tick, champion version),    ``report``: a :class:`DriftReport`
            ``arrays`` when the device's model is   (flags, counts, summary statistics,
-           stale, with its seal in ``config``      models refused)
+           stale, with its seal in ``config``      models refused); ``health``: a
+                                                   :class:`DeviceHealth` (scalars only)
 train      ``arrays`` (global model), ``config``   ``arrays`` (local model), ``metrics``
            (round, epochs, lr, batch size, mu)     (num-examples, train_loss)
 evaluate   ``arrays`` (candidate), ``config``      ``metrics`` (num-examples, eval_acc,
@@ -44,6 +45,8 @@ from typing import Any
 ARRAYS = "arrays"
 CONFIG = "config"
 REPORT = "report"
+#: Query reply record: the device's :class:`DeviceHealth` at this tick.
+HEALTH = "health"
 METRICS = "metrics"
 
 NUM_EXAMPLES = "num-examples"
@@ -257,6 +260,161 @@ class DriftReport:
 REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DriftReport))
 
 
+#: Error types a device names in its health (``last_error``); anything else is "other".
+#: A code, never the class name: a user's exception class is the user's text.
+ERROR_KINDS: tuple[str, ...] = (
+    "none",
+    "other",
+    "ValueError",
+    "TypeError",
+    "KeyError",
+    "IndexError",
+    "OSError",
+    "MemoryError",
+    "RuntimeError",
+    "TimeoutError",
+    "ArithmeticError",
+    "AssertionError",
+    "ImportError",
+    "NotImplementedError",
+)
+ERROR_CODES: dict[str, int] = {name: code for code, name in enumerate(ERROR_KINDS)}
+
+
+def error_code(exc: BaseException) -> int:
+    """The :data:`ERROR_KINDS` code of an exception: its nearest listed base class, else "other".
+
+    >>> error_code(FileNotFoundError("x")), ERROR_KINDS[error_code(FileNotFoundError("x"))]
+    (6, 'OSError')
+    """
+    for klass in type(exc).__mro__:
+        code = ERROR_CODES.get(klass.__name__)
+        if code is not None and klass.__module__ == "builtins":
+            return code
+    return ERROR_CODES["other"]
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    """How a device is doing, beside its drift report: counts and scalars only.
+
+    Parameters
+    ----------
+    device : int
+        The device's stable partition id.
+    tick : int
+        The tick of the query this health answers.
+    model_version : int
+        Version of the model the device runs (0: none).
+    model_verified : bool
+        The model it runs was installed with a seal that verified under the
+        server's key (False with no model, or no key to check with).
+    models_refused : int
+        Models refused over the device's lifetime.
+    ticks_since_report : int
+        Ticks between this query and the device's previous monitored tick
+        (1 when it is polled every tick; -1 on its first tick).
+    live_accuracy : float
+        This tick's prequential accuracy, the confidence estimate where no
+        label arrived (-1: neither).
+    accuracy_estimated : bool
+        ``live_accuracy`` is the estimate, not measured on labels.
+    drifting : bool
+        A drift signal fired on this tick.
+    drifts_total : int
+        Detections over the device's lifetime.
+    rejected_non_finite, rejected_wrong_width, rejected_unknown_label : int
+        Rows refused this tick, by reason.
+    rejected_total : int
+        Rows refused over the device's lifetime.
+    labels_outstanding : int
+        Rows still waiting for their label (0 where labels come with the rows).
+    store_rows : int
+        Samples in the device's bounded window.
+    outbox_reports : int
+        Reports waiting for the server's acknowledgement.
+    handler_seconds : float
+        Seconds this query took on the device up to the reply.
+    resident_bytes : int
+        Resident memory of the device process.
+    uptime_seconds : float
+        Seconds since the device process opened this device.
+    errors_total : int
+        Handler failures since the device process opened it.
+    last_error : int
+        Type of the latest handler failure, a code of :data:`ERROR_KINDS` (0: none).
+    """
+
+    device: int
+    tick: int
+    model_version: int = 0
+    model_verified: bool = False
+    models_refused: int = 0
+    ticks_since_report: int = -1
+    live_accuracy: float = -1.0
+    accuracy_estimated: bool = False
+    drifting: bool = False
+    drifts_total: int = 0
+    rejected_non_finite: int = 0
+    rejected_wrong_width: int = 0
+    rejected_unknown_label: int = 0
+    rejected_total: int = 0
+    labels_outstanding: int = 0
+    store_rows: int = 0
+    outbox_reports: int = 0
+    handler_seconds: float = 0.0
+    resident_bytes: int = 0
+    uptime_seconds: float = 0.0
+    errors_total: int = 0
+    last_error: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        """The live accuracy, None when the device had none this tick."""
+        return self.live_accuracy if self.live_accuracy >= 0 else None
+
+    @property
+    def error_kind(self) -> str:
+        """The name of :attr:`last_error` ("none" when the device has not failed)."""
+        return ERROR_KINDS[self.last_error] if 0 <= self.last_error < len(ERROR_KINDS) else "other"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain scalars, ready for a Flower ``ConfigRecord``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DeviceHealth:
+        """Read a health record, refusing missing or ill-typed fields with one line."""
+        return cls(**_typed_fields(cls, data, "device health"))
+
+
+def _typed_fields(cls: Any, data: Any, what: str) -> dict[str, Any]:
+    """The dataclass fields of ``cls`` found in ``data``, type-checked (one-line ``ValueError``)."""
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is not MISSING:
+                continue
+            raise ValueError(f"{what}: missing field {f.name!r}")
+        value = data[f.name]
+        want = {"bool": bool, "float": float}.get(str(f.type), int)
+        if want is bool and not isinstance(value, bool):
+            raise ValueError(f"{what}: field {f.name!r} must be a bool, got {value!r}")
+        if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{what}: field {f.name!r} must be an int, got {value!r}")
+        if want is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{what}: field {f.name!r} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{what}: field {f.name!r} must be finite, got {value!r}")
+            value = float(value)
+        values[f.name] = value
+    return values
+
+
+HEALTH_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DeviceHealth))
+
+
 #: The egress policy: what a device may send, per reply type. Each entry maps a
 #: record name to its kind and, for config and metric records, the keys allowed
 #: (scalars only). Array records must mirror the names and shapes of the model
@@ -264,6 +422,7 @@ REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DriftReport))
 EGRESS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "query": {
         REPORT: ("config", REPORT_FIELDS),
+        HEALTH: ("config", HEALTH_FIELDS),
         **{name: ("config", REPORT_FIELDS) for name in LATE_REPORTS},
     },
     "train": {ARRAYS: ("arrays", ()), METRICS: ("metrics", DEVICE_METRICS["train"])},

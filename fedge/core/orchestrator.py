@@ -69,6 +69,13 @@ from fedge.core.records import (
     tick_estimated_accuracy,
 )
 from fedge.core.resume import RUN_KEY_TAG, restore, snapshot
+from fedge.core.rollout import (
+    Rollout,
+    RolloutPolicy,
+    advance_rollout,
+    begin_rollout,
+    restore_rollout,
+)
 from fedge.core.triggers import INITIAL, Decision, TriggerPolicy
 
 log = logging.getLogger("fedge.server")
@@ -116,6 +123,9 @@ class Orchestrator:
         Saved after every tick.
     run_id : str, default ""
         What identifies this run across restarts (the run folder).
+    rollout : RolloutPolicy, optional
+        Roll a promoted model out in stages (:mod:`fedge.core.rollout`; one model
+        only); None gives it to every device at the next poll.
     """
 
     def __init__(
@@ -137,6 +147,7 @@ class Orchestrator:
         on_tick: TickCallback | None = None,
         state: StateStore | None = None,
         run_id: str = "",
+        rollout: RolloutPolicy | None = None,
     ) -> None:
         if participants not in ("all", "drifted"):
             raise ValueError(f"campaign.participants: {participants!r}; allowed: all, drifted")
@@ -168,6 +179,10 @@ class Orchestrator:
         self.run_key = uuid.uuid4().hex
         self.last_tick: int | None = None
         self.last_registered = 0
+        if rollout is not None and not self.single:
+            raise ValueError("rollout: a staged rollout serves one model, not clusters")
+        self.rollout_policy = rollout
+        self.rollout: Rollout | None = None
 
     # -- the pool ------------------------------------------------------------------------------
     def alias(self, key: int) -> str:
@@ -217,6 +232,9 @@ class Orchestrator:
         for tick in todo:
             self.step(tick)
         self._save(finished=True)
+        table, log_dict = getattr(self.federation, "fleet_table", None), getattr(self.tracker, "log_dict", None)
+        if callable(table) and callable(log_dict):
+            log_dict(table(), "fleet.json")  # the fleet table as the run ends
         return self.record
 
     def step(self, tick: int) -> TickRecord:
@@ -228,6 +246,8 @@ class Orchestrator:
         }
         champ = self.champion
         default = Deployed(next(iter(self.pool)), champ[0], champ[1]) if champ else None
+        if self.rollout is not None:
+            deployment.update(self.rollout.deployment())  # the cohort runs the version in trial
         reports = self.federation.poll(tick, deployment, default)
         late = self._late_reports()
         if late:
@@ -263,6 +283,11 @@ class Orchestrator:
             metrics["models_in_pool"] = float(len(self.pool))
         if acc is not None:
             metrics["prequential_accuracy"] = acc
+        counts = getattr(self.federation, "fleet_counts", None)
+        if callable(counts):
+            metrics.update({f"fleet/{status}": float(n) for status, n in counts().items()})
+        if self.rollout is not None:
+            advance_rollout(self, tick, reports)
         if rec.estimated_accuracy is not None:
             metrics["estimated_accuracy"] = rec.estimated_accuracy
         self.tracker.log_metrics(metrics, step=tick)
@@ -371,8 +396,8 @@ class Orchestrator:
         first_round = self.rounds_done + 1
         used = 0
         for key, decision in decisions.items():
-            if not decision.retrain:
-                continue
+            if not decision.retrain or self.rollout is not None:
+                continue  # one version in trial at a time
             try:
                 record = self._campaign(tick, key, decision, reports, plan, created, first_round)
             except CampaignRefused as exc:
@@ -457,7 +482,9 @@ class Orchestrator:
             self.tracker.log_metrics(dict(outcome.metrics), step=tick)
         version = self.registry.register(outcome.weights, tags)
         self.last_registered = version
-        if promoted:
+        if promoted and self.rollout_policy is not None and cluster.version > 0:
+            begin_rollout(self, tick, key, version, outcome.weights)
+        elif promoted:
             self.registry.set_alias(version, self.alias(key))
             cluster.weights = outcome.weights
             cluster.version = version
@@ -590,8 +617,14 @@ class Orchestrator:
 
     def _save(self, finished: bool = False) -> None:
         if self.state is not None:
-            self.state.save(snapshot(self, finished))
+            state = snapshot(self, finished)
+            if self.rollout is not None:
+                state["rollout"] = self.rollout.saved()
+            self.state.save(state)
 
     def _restore(self, ticks: list[int]) -> list[int]:
         """Continue an interrupted run from the saved state; returns the ticks left."""
-        return restore(self, ticks)
+        todo = restore(self, ticks)
+        if todo != ticks and self.state is not None:
+            restore_rollout(self, self.state.load() or {})
+        return todo

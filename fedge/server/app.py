@@ -28,6 +28,7 @@ from fedge.core.orchestrator import Orchestrator, TickCallback
 from fedge.core.pool import ClusterPolicy
 from fedge.core.ports import RunFailed
 from fedge.core.records import summarize_history
+from fedge.core.rollout import RolloutPolicy
 from fedge.core.state import JsonState, state_path
 from fedge.core.triggers import make_policy
 from fedge.engines.quorum import ReplyQuorum, ShortRound
@@ -274,6 +275,7 @@ def run_server(
             on_tick=history.recorder(on_tick or log_tick, lambda: orch.record),
             state=JsonState(state_path(cfg.output_dir, cfg.model_name)),
             run_id=str(folder),
+            rollout=RolloutPolicy.from_config(cfg.rollout),
         )
         record = orch.run(range(scenario.n_steps))
         if record.ticks and federation.errors and not any(t.n_samples or t.accuracy is not None

@@ -43,6 +43,7 @@ from fedge.core.state import state_path
 from fedge.engines.quorum import error_line, missing_by_round
 from fedge.privacy.anchors import ANCHORS_FILE, AuditAnchors
 from fedge.privacy.secagg_settings import SecAggError
+from fedge.server.fleet import FLEET_FILE, FleetRegister
 from fedge.server.strategy import DeviceGrid, make_strategy
 from strategies.private_campaign import PrivateCampaigns, equal_weights
 
@@ -141,6 +142,8 @@ class FlowerFederation:
             # One model: its lineage's account is replayed now, so a run that trains
             # nothing still reports what the lineage has spent.
             self.privacy_for(CHAMPION_ALIAS)
+        #: Every device's health and status, kept in (and resumed from) the run folder.
+        self.fleet = FleetRegister(cfg.fleet, folder / FLEET_FILE if folder is not None else None)
         self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
         self.anchors = (
             AuditAnchors.load(self.anchors_path) if self.anchors_path is not None else AuditAnchors()
@@ -289,6 +292,7 @@ class FlowerFederation:
                 log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
                 continue
             self.anchors.record_all([report, *late])
+            self.fleet.observe(tick, report, self._health(tick, node, reply))
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
             self._note_refusal(tick, node, report)
@@ -306,6 +310,7 @@ class FlowerFederation:
             ]
         if self.anchors_path is not None:
             self.anchors.save(self.anchors_path)
+        self.fleet.end_tick(tick)
         first, self._polled = not self._polled, True
         if first and not reports and not self.late and answered and self.errors:
             raise RunFailed(_first_poll_failure(self.errors))
@@ -326,6 +331,32 @@ class FlowerFederation:
         if self.errors.get(who) != reason:
             log.warning("tick %d: %s replied with an error: %s", tick, who, reason)
         self.errors[who] = reason
+        if device is not None:
+            self.fleet.observe_error(tick, device, reason)
+
+    def _health(self, tick: int, node: int, reply: Message) -> p.DeviceHealth | None:
+        """The reply's ``health`` record (None when it has none; an unreadable one is logged)."""
+        if p.HEALTH not in reply.content.config_records:
+            return None
+        try:
+            return p.DeviceHealth.from_dict(reply.content.config_records[p.HEALTH])
+        except ValueError as exc:
+            log.warning("tick %d: node %s sent an unreadable health record: %s", tick, node, exc)
+            return None
+
+    def fleet_counts(self) -> dict[str, int]:
+        """Devices per status after the latest poll (see :mod:`fedge.server.fleet`)."""
+        return dict(self.fleet.counts)
+
+    def failed_devices(self, tick: int) -> set[int]:
+        """Devices that failed at ``tick``: an error reply, a refused model, a failed handler."""
+        return self.fleet.failed(tick)
+
+    def fleet_table(self) -> dict[str, Any]:
+        """The fleet table (written to the run folder when there is one)."""
+        if self.anchors_path is not None:
+            self.fleet.write_table(self.anchors_path.parent)
+        return self.fleet.summary()
 
     def _first_delivery(self, device: int, report: p.DriftReport, tick: int) -> bool:
         """Whether a late report is new here (an unacknowledged one may come twice)."""
