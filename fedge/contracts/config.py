@@ -21,7 +21,7 @@ The file layout mirrors the dataclasses below::
     [monitor.params]      keyword arguments of the river detector
     [trigger]             policy, quorum, cooldown, period
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
-    [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
+    [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
     [model]               task, hidden, layers
@@ -212,8 +212,9 @@ class CampaignConfig:
 class ClusteringConfig:
     """Several models in service, one per cluster of devices (see :mod:`fedge.core.pool`).
 
-    Off by default: one champion serves every device. On, devices whose detector
-    fires are split onto a new model, a device is moved to the model that fits
+    Off by default: one champion serves every device. On, a device that no model
+    fits significantly as well as that model fits its other devices (a z-test
+    at ``split_z``, or ``drift_z`` once its detector fired) is split onto a new model, a device is moved to the model that fits
     its latest samples, and models whose devices' data agree are merged
     (:class:`fedge.core.clustering.DriftClustering`). Each cluster is its own
     model lineage (registry alias ``cluster-<key>``, its own privacy ledger);
@@ -223,7 +224,9 @@ class ClusteringConfig:
 
     enabled: bool = False
     switch_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
-    fit_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
+    fit_margin: float = field(default=0.02, metadata=_between(0.0, 1.0))
+    split_z: float = field(default=3.0, metadata=_between(0.0, 10.0))
+    drift_z: float = field(default=1.5, metadata=_between(0.0, 10.0))
     merge_distance: float = field(default=0.05, metadata=_between(0.0, 1.0))
     max_models: int = field(default=6, metadata=_between(1, 8))
 
