@@ -127,7 +127,10 @@ class ScenarioConfig:
     name: str = field(default="sine2-sudden", metadata={"name": True})
     generator: str = field(
         default="sine2",
-        metadata=_choice("sine2", "circle2", "sea4", "digits-swap", "digits-shift", "segment-gain"),
+        metadata=_choice(
+            "sine2", "circle2", "sea4", "digits-swap", "digits-shift", "segment-gain",
+            "river-sea", "river-stagger", "river-agrawal", "river-hyperplane",
+        ),
     )
     seed: int = field(default=0, metadata=_between(0, MAX_SEED))
     clients: int = field(default=6, metadata=_between(1, MAX_CLIENTS))
