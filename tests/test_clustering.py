@@ -239,3 +239,12 @@ def test_fit_gap_z_grows_with_the_gap_and_the_samples() -> None:
     assert fit_gap_z(0.8, 0.9, 100) < fit_gap_z(0.7, 0.9, 100)
     assert fit_gap_z(0.8, 0.9, 100) < fit_gap_z(0.8, 0.9, 400)
     assert fit_gap_z(0.95, 1.0, 100) > 0, "a perfect reference still has a noise floor"
+
+
+def test_a_firing_detector_lowers_the_bar_for_leaving_a_model_not_for_joining_one() -> None:
+    """Cluster 1 is one device at 85 %; a drifted device gets 75 % from it (z ~ 1.6 at m = 1)."""
+    scores = {0: {0: 0.10, 1: 0.85}, 1: {0: 0.05, 1: 0.75}, 2: {0: 0.95, 1: 0.08}, 3: {0: 0.94, 1: 0.1}}
+    views = _views({0: [1, 2, 3], 1: [0]})
+    plan = DriftClustering().plan(3, [_report(d, d == 1) for d in range(4)], views, scores)
+    assert plan.assignment[1] == 1, "the known concept's model takes it: no cold start for noise"
+    assert not plan.start_from

@@ -8,8 +8,9 @@ of each device's latest samples every model in the pool gets right. Then:
   device's latest samples than on its own cluster's other devices: a one-sided
   z-test on the accuracy gap, with the binomial standard error of scores on
   ``samples`` samples (:func:`fit_gap_z`). A device whose detector fired is
-  tested at the smaller ``drift_z``, any other at ``split_z``; no detector has
-  to fire, so a drift at the very first step is caught too;
+  tested against its own model at the smaller ``drift_z``, any other device,
+  and any other model, at ``split_z``; no detector has to fire, so a drift
+  at the very first step is caught too;
 * a device is moved to another model when its own no longer fits and the other
   does, or when the other fits it significantly and clearly
   (``switch_margin``) better: a concept seen before is recognised;
@@ -165,7 +166,9 @@ class DriftClustering:
         z a device's accuracy gap must exceed to leave its model when its
         detector stayed silent (a false split per 740 device-ticks).
     drift_z : float, default 1.5
-        The same once the device's detector fired (the detector is evidence).
+        The same once the device's detector fired (the detector is evidence
+        against its own model; joining another model is always tested at
+        ``split_z``).
 
     Examples
     --------
@@ -264,8 +267,12 @@ class DriftClustering:
                 else:
                     newcomers.append(d)
                 continue
+            # A firing detector is evidence against the device's own model only: it
+            # lowers the bar for leaving it, not for joining another model.
             z = self.drift_z if d in drifted else self.split_z
-            fitting = [k for k in s if self._fits(k, d, scores, members, drifted, z)]
+            fitting = [
+                k for k in s if self._fits(k, d, scores, members, drifted, z if k == cur else self.split_z)
+            ]
             own_fits = cur in fitting
             best = max(fitting, key=lambda k: (s[k], -k)) if fitting else None
             own = s.get(cur, -1.0) if cur is not None else -1.0
