@@ -283,8 +283,8 @@ accuracy is sample-weighted over clients and averaged over test steps 1..10.
 | `never` | trains once at step 0 |
 | `window` | one model, retrained every step on the latest step (the paper's FedAvg baseline) |
 | `oracle` | one model per true concept; each client trains and is served by the model of its concept at step t (the reference: it knows the concepts, not the future) |
-| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fire, at most once every {cooldown_plus} steps |
-| `drift-clustered` | several models: a device whose detector fires and whose model no longer fits its data gets a new model; a device moves to a model that fits its latest data clearly better; models that fit each other's devices equally are merged; every cluster trains on its own devices, all clusters of a tick in the same round slots (`fedge/core/clustering.py`) |
+| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fire, at most once every {cooldown_plus} steps; the candidate is promoted only if it beats the champion on the devices' held-out samples |
+| `drift-clustered` | several models: a device that no model in the pool fits about as well as that model fits its other devices (a z-test on the accuracy gap at the scores' binomial noise; a firing detector lowers the bar) gets a new model; a device moves to a model that fits its latest data clearly better; models that fit each other's devices equally are merged; every cluster trains on its own devices, all clusters of a tick in the same round slots (`fedge/core/clustering.py`) |
 
 Training budget, the same for every policy: {rounds} Flower rounds per
 campaign, {local_epochs} local epochs, Adam with learning rate {lr}, batch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from experiments.feddrift import SHARED_DATA, Settings, Task, dataset_spec, matrix_file, run_task
+from experiments.feddrift import SHARED_DATA, Settings, dataset_spec, matrix_file
 from experiments.feddrift_sweep import SWEEP, sweep_tasks
 from fedge.cli import app as cli
 from fedge.scenarios import ConceptSchedule
@@ -82,14 +82,28 @@ def test_river_concepts_are_different_functions_and_draws_are_reproducible(name:
     assert 0.05 < float(np.mean(y0 != y1)) < 0.95, "concept 1 labels the same inputs differently"
 
 
-def test_the_protocol_runs_on_a_river_generator(tmp_path: Path) -> None:
+def test_the_cli_runs_the_protocol_on_a_river_generator_and_a_matrix_file_inside_the_results_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     cp = tmp_path / "two.cp"
     cp.write_text("0 0 0\n0 0 1\n0 1 1\n")
-    task = Task("river-stagger", str(cp), 0, ("never",), tmp_path / "run", Settings(rounds=2, local_epochs=2))
-    (row,) = run_task(task)
-    assert row["dataset"] == "river-stagger" and row["matrix_source"] == "file"
-    assert len(row["accuracy_over_time"]) == 2 and row["accuracy"] > 0.5
-    assert all(p.is_relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    results = tmp_path / "results"
+    out = CliRunner().invoke(
+        cli,
+        [
+            "feddrift", "--datasets", "river-stagger", "--matrix", f"river-stagger={cp}",
+            "--policies", "never", "--seeds", "1", "--jobs", "1", "--rounds", "2",
+            "--local-epochs", "2", "--results", str(results),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert sorted(os.listdir(tmp_path)) == ["results", "two.cp"], "nothing outside the results folder"
+    csv = (results / "results.csv").read_text()
+    assert "river-stagger" in csv and (results / "feddrift.md").is_file()
+    row = next(line for line in csv.splitlines()[1:] if "never" in line)
+    accuracy = float(row.split(",")[csv.splitlines()[0].split(",").index("accuracy_mean")])
+    assert accuracy > 0.5, "the model learnt STAGGER's concept 0"
 
 
 def test_the_sweep_covers_every_matrix_the_issue_names() -> None:
