@@ -94,6 +94,64 @@ class Settings:
     cooldown: int = 3
 
 
+#: Named datasets beyond the generators' own names: river's streams with the settings the sweep uses.
+DATASET_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "river-sea4": ("river-sea", {"concepts": "0,1,2,3"}),
+    "river-stagger": ("river-stagger", {"concepts": "0,1,2"}),
+    "river-agrawal": ("river-agrawal", {"concepts": "0,2"}),
+    "river-hyperplane": ("river-hyperplane", {"concepts": "1,2"}),
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset of the benchmark: a registered generator and its parameters.
+
+    Parameters
+    ----------
+    name : str
+        As given (``sine2``, ``river-agrawal``, ``river-agrawal:concepts=0/1/2``).
+    generator : str
+        The generator's registered name (:data:`fedge.scenarios.generators.GENERATOR_NAMES`).
+    params : dict
+        Its parameters.
+    n_concepts : int
+        Concepts it has.
+    """
+
+    name: str
+    generator: str
+    params: dict[str, Any]
+    n_concepts: int
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """Parse ``GENERATOR[:key=value;key=value]`` (a list value as ``0/2``) or a named dataset.
+
+    Raises
+    ------
+    ValueError
+        On an unknown generator, parameter or value (one line).
+    """
+    from fedge.scenarios.generators import make_generator
+
+    base, _, rest = name.partition(":")
+    generator, params = DATASET_ALIASES.get(base, (base, {}))
+    params = dict(params)
+    for item in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"feddrift: dataset {name!r}: expected key=value, got {item!r}")
+        params[key.strip()] = value.strip().replace("/", ",")
+    if generator == "sea4" and not params and sea_source() is not None:
+        params = {"source": sea_source()}
+    try:
+        n_concepts = make_generator(generator, **params).n_concepts
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"feddrift: dataset {name!r}: {exc}") from None
+    return DatasetSpec(name, generator, params, n_concepts)
+
+
 def model_for(dataset: str) -> dict[str, int]:
     """The classifier of a dataset: one hidden layer, wider for the digits."""
     return {"hidden": 64, "layers": 1} if dataset == "digits-swap" else {"hidden": 16, "layers": 2}
@@ -120,22 +178,76 @@ def generated_matrix(name: str, n_concepts: int, seed: int = 11) -> np.ndarray:
     return matrix
 
 
+#: The concept matrices of the FedDrift repository (``changepoints/<name>.cp``).
+PAPER_MATRICES: tuple[str, ...] = (
+    "A", "B", "C", "D", "E", "F", "W", "X", "Y", "Z", *(f"R{i}" for i in range(10)),
+)
+
+
+def _write_matrix(path: Path, matrix: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(" ".join(str(int(v)) for v in row) for row in matrix) + "\n")
+    return path
+
+
 def matrix_file(name: str, n_concepts: int, folder: Path) -> tuple[Path, str]:
-    """The ``.cp`` file of matrix ``name``: the shared FedDrift file, else a generated one.
+    """The ``.cp`` file that matrix spec ``name`` stands for.
+
+    Parameters
+    ----------
+    name : str
+        A paper matrix (:data:`PAPER_MATRICES`, read from the shared FedDrift
+        data), a path to a ``.cp`` file, or ``random-<seed>`` for a staggered
+        matrix of our own (:func:`generated_matrix`).
+    n_concepts : int
+        Concepts the dataset has. A matrix whose ids are not ``0 .. n - 1``
+        (FedDrift's Z uses 0 and 2) is relabelled densely in order of first use.
+    folder : Path
+        Where a generated or relabelled matrix is written (the results folder).
 
     Returns
     -------
     tuple
-        The file and where it came from (``"feddrift"`` or ``"generated"``).
+        The file and where it came from (``"feddrift"``, ``"file"``, ``"generated"``).
+
+    Raises
+    ------
+    ValueError
+        On an unknown name, a missing file, a paper matrix without the shared
+        data, or a matrix with more concepts than the dataset.
     """
-    shared = SHARED_DATA / "changepoints" / f"{name}.cp"
-    if shared.is_file():
-        return shared, "feddrift"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-generated.cp"
-    matrix = generated_matrix(name, n_concepts)
-    path.write_text("\n".join(" ".join(str(v) for v in row) for row in matrix) + "\n")
-    return path, "generated"
+    if name.endswith(".cp") or "/" in name or "\\" in name:
+        path, origin = Path(name).expanduser(), "file"
+        if not path.is_file():
+            raise ValueError(f"feddrift: matrix file {name!r} not found")
+    elif name in PAPER_MATRICES:
+        path, origin = SHARED_DATA / "changepoints" / f"{name}.cp", "feddrift"
+        if not path.is_file():
+            raise ValueError(
+                f"feddrift: matrix {name!r} needs the FedDrift data in {SHARED_DATA}; "
+                "pass a .cp file or random-<seed> instead"
+            )
+    elif name.startswith("random-") and name[len("random-") :].isdigit():
+        seed = int(name[len("random-") :])
+        path = _write_matrix(folder / f"{name}-{n_concepts}c.cp", generated_matrix(name, n_concepts, seed))
+        return path, "generated"
+    else:
+        raise ValueError(
+            f"feddrift: unknown matrix {name!r}; allowed: {', '.join(PAPER_MATRICES)}, "
+            "a path to a .cp file, or random-<seed>"
+        )
+    try:
+        matrix = np.asarray(ConceptSchedule.from_cp_file(path).matrix)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"feddrift: matrix {name!r}: {exc}") from None
+    ids = list(dict.fromkeys(int(v) for v in matrix.reshape(-1)))
+    if len(ids) > n_concepts:
+        raise ValueError(f"feddrift: matrix {name!r} uses {len(ids)} concepts; the dataset has {n_concepts}")
+    if max(ids) >= n_concepts:
+        dense = np.vectorize({old: new for new, old in enumerate(ids)}.get)(matrix)
+        stem = path.stem if origin == "feddrift" else f"{path.stem}-file"
+        return _write_matrix(folder / f"{stem}-relabelled.cp", dense), origin
+    return path, origin
 
 
 def sea_source() -> str | None:
@@ -219,14 +331,18 @@ class Task:
     cp_file: Path | None = None
 
 
+def _slug(text: str) -> str:
+    """A name part safe in run and model names (a matrix may be a path)."""
+    stem = Path(text).stem if text.endswith(".cp") else text
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)
+
+
 def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
     """The scenario file of one policy run."""
     s = task.settings
     schedule = ConceptSchedule.from_cp_file(cp_file)
-    name = f"feddrift-{task.dataset}-{task.matrix}-{policy}-s{task.seed}"
-    generator_params: dict[str, Any] = {}
-    if task.dataset == "sea4" and sea_source() is not None:
-        generator_params = {"source": sea_source()}
+    name = f"feddrift-{_slug(task.dataset)}-{_slug(task.matrix)}-{policy}-s{task.seed}"
+    spec = dataset_spec(task.dataset)
     trigger: dict[str, Any] = {"policy": "never"}
     campaign: dict[str, Any] = {
         "strategy": "fedavg",
@@ -245,19 +361,23 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         trigger = {"policy": "always"}
         campaign["min_improvement"] = -1.0
     elif policy == "drift-triggered":
+        # A triggered retraining keeps the gate: a candidate that does worse on
+        # the devices' held-out samples than the champion is registered, never
+        # promoted. (With the gate open, one model retrained on a mix of concepts
+        # followed the majority and scored below never training again.)
         trigger = {"policy": "quorum", "quorum": s.quorum, "cooldown": s.cooldown}
-        campaign["min_improvement"] = -1.0
+        campaign["min_improvement"] = 0.0
     return {
         "scenario": {
             "name": name,
-            "generator": task.dataset,
+            "generator": spec.generator,
             "seed": task.seed,
             "clients": schedule.n_clients,
             "ticks": schedule.n_steps,
             "samples_per_tick": SAMPLES,
             "bad_row_fraction": 0.0,
             "schedule": {"kind": "matrix", "file": str(cp_file)},
-            "generator_params": generator_params,
+            "generator_params": spec.params,
         },
         "monitor": {
             "detector": s.detector,
@@ -381,7 +501,7 @@ def score_detections(
 
 def run_task(task: Task) -> list[dict[str, Any]]:
     """Every policy of one (dataset, matrix, seed)."""
-    n_concepts = 4 if task.dataset == "sea4" else 2
+    n_concepts = dataset_spec(task.dataset).n_concepts
     if task.cp_file is not None:
         cp_file, origin = task.cp_file, "given"
     else:
@@ -439,7 +559,10 @@ class Benchmark:
         """One task per dataset and seed."""
         matrices = {**DEFAULT_MATRIX, **(self.matrices or {})}
         return [
-            Task(d, matrices[d], seed, tuple(self.policies), folder / "runs" / f"{d}-{matrices[d]}-s{seed}", self.settings)
+            Task(
+                d, matrices.get(d, "A"), seed, tuple(self.policies),
+                folder / "runs" / f"{_slug(d)}-{_slug(matrices.get(d, 'A'))}-s{seed}", self.settings,
+            )
             for d in self.datasets
             for seed in range(self.seeds)
         ]
@@ -450,14 +573,21 @@ def run_benchmark(
 ) -> list[dict[str, Any]]:
     """Run every task (in ``bench.jobs`` processes) and return one row per run."""
     for name in bench.datasets:
-        if name not in DEFAULT_MATRIX:
-            raise ValueError(f"feddrift: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        dataset_spec(name)  # an unknown dataset or parameter fails here, before any run
     for name in bench.policies:
         if name not in POLICIES:
             raise ValueError(f"feddrift: unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
-    tasks = bench.tasks(folder)
+    return run_tasks(bench.tasks(folder), bench.jobs, on_task=on_task)
+
+
+def run_tasks(
+    tasks: Sequence[Task], jobs: int, *, on_task: Callable[[list[dict[str, Any]]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run ``tasks`` in ``jobs`` processes; one row per policy run."""
+    for task in tasks:
+        matrix_file(task.matrix, dataset_spec(task.dataset).n_concepts, task.folder.parent / "matrices")
     rows: list[dict[str, Any]] = []
-    if bench.jobs <= 1:
+    if jobs <= 1:
         for task in tasks:
             done = run_task(task)
             rows.extend(done)
@@ -467,7 +597,7 @@ def run_benchmark(
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         for done in pool.map(run_task, tasks):
             rows.extend(done)
             if on_task is not None:

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from experiments.feddrift import (
-    DEFAULT_MATRIX,
     DETECTION_TOLERANCE,
     N_CLIENTS,
     N_STEPS,
     SAMPLES,
     SHARED_DATA,
     Benchmark,
+    dataset_spec,
     matrix_file,
     model_for,
     sea_source,
@@ -217,9 +217,8 @@ def write_results(
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     matrices = {}
-    for d in bench.datasets:
-        name = {**DEFAULT_MATRIX, **(bench.matrices or {})}[d]
-        cp, _ = matrix_file(name, 4 if d == "sea4" else 2, folder / "matrices")
+    for d, name in dict.fromkeys((r["dataset"], r["matrix"]) for r in rows):
+        cp, _ = matrix_file(name, dataset_spec(d).n_concepts, folder / "matrices")
         matrices[f"{d}-{name}"] = cp
     plots = plot_results(summary, folder, matrices)
     tracking_dir.mkdir(parents=True, exist_ok=True)
@@ -284,8 +283,8 @@ accuracy is sample-weighted over clients and averaged over test steps 1..10.
 | `never` | trains once at step 0 |
 | `window` | one model, retrained every step on the latest step (the paper's FedAvg baseline) |
 | `oracle` | one model per true concept; each client trains and is served by the model of its concept at step t (the reference: it knows the concepts, not the future) |
-| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fire, at most once every {cooldown_plus} steps |
-| `drift-clustered` | several models: a device whose detector fires and whose model no longer fits its data gets a new model; a device moves to a model that fits its latest data clearly better; models that fit each other's devices equally are merged; every cluster trains on its own devices, all clusters of a tick in the same round slots (`fedge/core/clustering.py`) |
+| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fire, at most once every {cooldown_plus} steps; the candidate is promoted only if it beats the champion on the devices' held-out samples |
+| `drift-clustered` | several models: a device that no model in the pool fits about as well as that model fits its other devices (a z-test on the accuracy gap at the scores' binomial noise; a firing detector lowers the bar) gets a new model; a device moves to a model that fits its latest data clearly better; models that fit each other's devices equally are merged; every cluster trains on its own devices, all clusters of a tick in the same round slots (`fedge/core/clustering.py`) |
 
 Training budget, the same for every policy: {rounds} Flower rounds per
 campaign, {local_epochs} local epochs, Adam with learning rate {lr}, batch
@@ -322,10 +321,9 @@ def render_page(out: Mapping[str, Any], bench: Benchmark, results_link: str) -> 
     """The Markdown page with the latest table, the targets and the plots."""
     s = bench.settings
     meta = out["meta"]
-    matrices = {**DEFAULT_MATRIX, **(bench.matrices or {})}
-    models = ", ".join(
-        f"{d} {model_for(d)['layers']}x{model_for(d)['hidden']} hidden ReLU" for d in bench.datasets
-    )
+    cells = list(dict.fromkeys((r["dataset"], r["matrix"]) for r in out["summary"]))
+    datasets = list(dict.fromkeys(d for d, _ in cells))
+    models = ", ".join(f"{d} {model_for(d)['layers']}x{model_for(d)['hidden']} hidden ReLU" for d in datasets)
     intro = PAGE_INTRO.format(
         quorum=s.quorum,
         cooldown_plus=s.cooldown + 1,
@@ -336,7 +334,7 @@ def render_page(out: Mapping[str, Any], bench: Benchmark, results_link: str) -> 
         models=models,
         detector=s.detector,
         tolerance=DETECTION_TOLERANCE,
-        matrices=", ".join(f"{d}: {matrices[d]}" for d in bench.datasets)
+        matrices=", ".join(f"{d}: {m}" for d, m in cells)
         + f" (from {meta['data']['changepoints']})",
         sea=meta["data"]["sea"],
     )

@@ -446,7 +446,11 @@ def report_cmd(
 @app.command("feddrift")
 def feddrift_cmd(
     datasets: Annotated[
-        str, typer.Option(help="Comma-separated: sine2, circle2, sea4, digits-swap.")
+        str,
+        typer.Option(
+            help="Comma-separated datasets: sine2, circle2, sea4, digits-swap, river-sea4, river-stagger, "
+            "river-agrawal, river-hyperplane, or GENERATOR:key=value;key=value (list values as 0/2)."
+        ),
     ] = "sine2,circle2,sea4,digits-swap",
     policies: Annotated[
         str, typer.Option(help="Comma-separated: never, window, oracle, drift-triggered, drift-clustered.")
@@ -454,8 +458,14 @@ def feddrift_cmd(
     seeds: Annotated[int, typer.Option(help="Seeds 0 .. N-1 per dataset.")] = 3,
     matrix: Annotated[
         list[str] | None,
-        typer.Option(help="dataset=NAME to use another concept matrix (A..F, W..Z, R0..R9)."),
+        typer.Option(
+            help="dataset=MATRIX: a FedDrift matrix (A..F, W..Z, R0..R9), a path to a .cp file, or random-<seed>."
+        ),
     ] = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(help="Run the sweep over every matrix of issue 13 (experiments/feddrift_sweep.py) instead."),
+    ] = False,
     jobs: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     rounds: Annotated[int, typer.Option(help="Flower rounds per campaign.")] = 5,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
@@ -467,11 +477,12 @@ def feddrift_cmd(
         Path, typer.Option(help="Where the table and plots go.")
     ] = Path("experiments/results/feddrift"),
     work_dir: Annotated[
-        Path, typer.Option(help="Where the runs (device stores, MLflow stores) go.")
-    ] = Path("fedge-runs/feddrift"),
+        Path | None, typer.Option(help="Where the runs (device stores, MLflow stores) go; default RESULTS/runs.")
+    ] = None,
     page: Annotated[
-        Path | None, typer.Option(help="Where the Markdown page with table and plots goes.")
-    ] = Path("docs/feddrift.md"),
+        Path | None,
+        typer.Option(help="Where the Markdown page goes; default RESULTS/feddrift.md (docs/feddrift.md to publish)."),
+    ] = None,
 ) -> None:
     """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
     import time as _time
@@ -486,6 +497,8 @@ def feddrift_cmd(
             _fail(f"--matrix {item!r}: expected dataset=NAME, e.g. sea4=C")
         name, value = item.split("=", 1)
         chosen[name.strip()] = value.strip()
+    if sweep and chosen:
+        _fail("--sweep runs its own matrices; drop --matrix")
     bench = Benchmark(
         datasets=tuple(d.strip() for d in datasets.split(",") if d.strip()),
         seeds=seeds,
@@ -497,8 +510,13 @@ def feddrift_cmd(
             delta=delta,
         ),
     )
-    work = work_dir.expanduser().resolve() / _time.strftime("%Y%m%d-%H%M%S")
-    total = len(bench.datasets) * seeds
+    results_dir = results.expanduser().resolve()
+    work = (work_dir.expanduser().resolve() if work_dir else results_dir / "runs") / _time.strftime("%Y%m%d-%H%M%S")
+    from experiments.feddrift import run_tasks
+    from experiments.feddrift_sweep import sweep_tasks
+
+    tasks = sweep_tasks(work, seeds, bench.policies, bench.settings) if sweep else bench.tasks(work)
+    total = len(tasks)
     started = _time.perf_counter()
     done = 0
 
@@ -514,7 +532,7 @@ def feddrift_cmd(
         )
 
     try:
-        rows = run_benchmark(bench, work, on_task=on_task)
+        rows = run_tasks(tasks, jobs, on_task=on_task) if sweep else run_benchmark(bench, work, on_task=on_task)
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -530,16 +548,15 @@ def feddrift_cmd(
     console.print(table)
     for line in check_targets(out["summary"]):
         console.print(line, highlight=False)
-    if page is not None:
-        import os as _os
+    import os as _os
 
-        from experiments.feddrift_report import render_page
+    from experiments.feddrift_report import render_page
 
-        target = page.expanduser().resolve()
-        link = _os.path.relpath(results.expanduser().resolve(), target.parent)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(render_page(out, bench, link))
-        console.print(f"Page: {page}", highlight=False)
+    target = page.expanduser().resolve() if page is not None else results_dir / "feddrift.md"
+    link = _os.path.relpath(results.expanduser().resolve(), target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_page(out, bench, link))
+    console.print(f"Page: {target}", highlight=False)
     console.print(f"Table and plots: {results}   runs and MLflow stores: {work}", highlight=False)
 
 

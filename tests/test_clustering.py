@@ -186,3 +186,65 @@ def test_orchestrator_splits_the_drifted_device_and_serves_it_its_own_model() ->
     # initial rounds, as any model trained from scratch does.
     assert orch.rounds_done == 3 + 2 + 3 + 2 + 2
     assert orch.model_rounds == 3 + 2 + (2 + 3) + (2 + 2) + (2 + 2)
+
+
+# -- score-based splits: no detector needed --------------------------------------------------
+
+
+def test_a_drift_at_the_first_step_is_split_off_without_any_detector_firing() -> None:
+    """Step 1: the model trained on step 0 serves 3 devices whose concept changed; nobody fired."""
+    policy = DriftClustering()
+    scores = {d: {0: 0.93 + 0.01 * (d % 3)} for d in range(7)} | {d: {0: 0.74} for d in (7, 8, 9)}
+    plan = policy.plan(1, [_report(d) for d in range(10)], _views({0: list(range(10))}), scores)
+    assert {d: plan.assignment[d] for d in (7, 8, 9)} == {7: 1, 8: 1, 9: 1}, "one new model for the three"
+    assert all(plan.assignment[d] == 0 for d in range(7))
+    assert plan.start_from == {1: 0}, "it starts from the model that still gets 74% right"
+    assert plan.reasons[7].startswith("split")
+
+
+def test_a_gap_within_sampling_noise_keeps_a_silent_device_but_a_firing_detector_lowers_the_bar() -> None:
+    # 100 samples at ~92%: one standard error is about 3 points; a 6-point gap is z ~ 1.9.
+    scores = {d: {0: 0.92} for d in range(9)} | {9: {0: 0.86}}
+    views = _views({0: list(range(10))})
+    silent = DriftClustering().plan(1, [_report(d) for d in range(10)], views, scores)
+    assert silent.assignment[9] == 0, "a 2-sigma dip is noise for a device whose detector is quiet"
+    fired = DriftClustering().plan(1, [_report(d, d == 9) for d in range(10)], views, scores)
+    assert fired.assignment[9] == 1, "the same gap with its detector firing is a drift"
+    more = DriftClustering(samples=1000).plan(1, [_report(d) for d in range(10)], views, scores)
+    assert more.assignment[9] == 1, "with ten times the samples the same gap is significant"
+
+
+def test_a_silent_device_moves_to_the_model_that_fits_it_as_well_as_its_own_devices() -> None:
+    policy = DriftClustering()
+    scores = {d: {0: 0.94, 1: 0.72} for d in (0, 1, 2)} | {d: {0: 0.73, 1: 0.93} for d in (3, 4, 5)}
+    scores[6] = {0: 0.75, 1: 0.92}  # on cluster 0 until now, its data now follow cluster 1's concept
+    views = _views({0: [0, 1, 2, 6], 1: [3, 4, 5]})
+    plan = policy.plan(5, [_report(d) for d in range(7)], views, scores)
+    assert plan.assignment[6] == 1 and not plan.start_from
+    assert "fits cluster 1 better" in plan.reasons[6]
+
+
+def test_a_whole_cluster_drifting_silently_is_caught_against_its_models_last_accuracy() -> None:
+    policy = DriftClustering()
+    views = _views({0: [0, 1]})
+    policy.plan(1, [_report(0), _report(1)], views, {0: {0: 0.95}, 1: {0: 0.94}})
+    plan = policy.plan(2, [_report(0)], _views({0: [0]}), {0: {0: 0.70}})
+    assert plan.assignment == {0: 1}, "a lone device is compared with its model's earlier accuracy"
+
+
+def test_fit_gap_z_grows_with_the_gap_and_the_samples() -> None:
+    from fedge.core.clustering import fit_gap_z
+
+    assert fit_gap_z(0.9, 0.9, 100) == 0.0
+    assert fit_gap_z(0.8, 0.9, 100) < fit_gap_z(0.7, 0.9, 100)
+    assert fit_gap_z(0.8, 0.9, 100) < fit_gap_z(0.8, 0.9, 400)
+    assert fit_gap_z(0.95, 1.0, 100) > 0, "a perfect reference still has a noise floor"
+
+
+def test_a_firing_detector_lowers_the_bar_for_leaving_a_model_not_for_joining_one() -> None:
+    """Cluster 1 is one device at 85 %; a drifted device gets 75 % from it (z ~ 1.6 at m = 1)."""
+    scores = {0: {0: 0.10, 1: 0.85}, 1: {0: 0.05, 1: 0.75}, 2: {0: 0.95, 1: 0.08}, 3: {0: 0.94, 1: 0.1}}
+    views = _views({0: [1, 2, 3], 1: [0]})
+    plan = DriftClustering().plan(3, [_report(d, d == 1) for d in range(4)], views, scores)
+    assert plan.assignment[1] == 1, "the known concept's model takes it: no cold start for noise"
+    assert not plan.start_from

@@ -88,9 +88,12 @@ def test_paper_matrix_a_is_read_from_the_shared_data(tmp_path: Path) -> None:
     assert (schedule.n_steps, schedule.n_clients, len(schedule.drift_points())) == (11, 10, 16)
 
 
-def test_without_the_shared_data_a_matrix_is_generated(tmp_path: Path) -> None:
-    path, origin = matrix_file("no-such-matrix", 4, tmp_path)
+def test_a_staggered_matrix_of_our_own_is_generated_only_when_asked_for(tmp_path: Path) -> None:
+    path, origin = matrix_file("random-3", 4, tmp_path)
     assert origin == "generated" and path.parent == tmp_path
     schedule = ConceptSchedule.from_cp_file(path)
     assert (schedule.n_steps, schedule.n_clients) == (11, 10)
     assert schedule.n_concepts <= 4 and schedule.drift_points(), "staggered drifts"
+    with pytest.raises(ValueError, match="unknown matrix 'no-such-matrix'"):
+        matrix_file("no-such-matrix", 4, tmp_path / "other")
+    assert not (tmp_path / "other").exists(), "an unknown name writes nothing"

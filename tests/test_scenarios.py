@@ -167,7 +167,7 @@ def test_make_generator_rejects_unknown_names_and_parameters_in_one_line() -> No
         make_generator("mnist")
     assert str(info.value) == (
         "generator: unknown name 'mnist'; allowed: sine2, circle2, sea4, digits-swap, "
-        "digits-shift, segment-gain"
+        "digits-shift, segment-gain, river-sea, river-stagger, river-agrawal, river-hyperplane"
     )
     with pytest.raises(ValueError) as info:
         make_generator("sine2", foo=1)

@@ -24,7 +24,7 @@ The file layout mirrors the dataclasses below::
     [trigger]             policy, quorum, cooldown, period, signals, accuracy_floor,
                           accuracy_source
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
-    [clustering]          enabled, switch_margin, fit_margin, merge_distance, max_models
+    [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
     [data]                source, path, module, n_features, n_classes
@@ -140,7 +140,10 @@ class ScenarioConfig:
     name: str = field(default="sine2-sudden", metadata={"name": True})
     generator: str = field(
         default="sine2",
-        metadata=_choice("sine2", "circle2", "sea4", "digits-swap", "digits-shift", "segment-gain"),
+        metadata=_choice(
+            "sine2", "circle2", "sea4", "digits-swap", "digits-shift", "segment-gain",
+            "river-sea", "river-stagger", "river-agrawal", "river-hyperplane",
+        ),
     )
     seed: int = field(default=0, metadata=_between(0, MAX_SEED))
     clients: int = field(default=6, metadata=_between(1, MAX_CLIENTS))
@@ -258,8 +261,9 @@ class CampaignConfig:
 class ClusteringConfig:
     """Several models in service, one per cluster of devices (see :mod:`fedge.core.pool`).
 
-    Off by default: one champion serves every device. On, devices whose detector
-    fires are split onto a new model, a device is moved to the model that fits
+    Off by default: one champion serves every device. On, a device that no model
+    fits significantly as well as that model fits its other devices (a z-test
+    at ``split_z``, or ``drift_z`` once its detector fired) is split onto a new model, a device is moved to the model that fits
     its latest samples, and models whose devices' data agree are merged
     (:class:`fedge.core.clustering.DriftClustering`). Each cluster is its own
     model lineage (registry alias ``cluster-<key>``, its own privacy ledger);
@@ -269,7 +273,9 @@ class ClusteringConfig:
 
     enabled: bool = False
     switch_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
-    fit_margin: float = field(default=0.1, metadata=_between(0.0, 1.0))
+    fit_margin: float = field(default=0.02, metadata=_between(0.0, 1.0))
+    split_z: float = field(default=3.0, metadata=_between(0.0, 10.0))
+    drift_z: float = field(default=1.5, metadata=_between(0.0, 10.0))
     merge_distance: float = field(default=0.05, metadata=_between(0.0, 1.0))
     max_models: int = field(default=6, metadata=_between(1, 8))
 

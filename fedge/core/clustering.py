@@ -1,14 +1,20 @@
-"""DriftClustering: split devices whose detector fires onto new models, merge models that agree.
+"""DriftClustering: split devices that no model fits onto new models, merge models that agree.
 
 The policy behind fedge's multi-model service (a :class:`fedge.core.pool.ClusterPolicy`).
 Each tick it sees the devices' drift reports and a score matrix: the fraction
 of each device's latest samples every model in the pool gets right. Then:
 
-* a device is moved to another model when that model fits its data clearly
-  better than its own (``switch_margin``) and about as well as it fits its own
-  devices (``fit_margin``): a concept seen before is recognised;
-* a device whose detector fired and whose model no longer fits its data, with
-  no other model that fits, gets a new model; devices drifting at the same tick
+* a model "fits" a device unless it scores significantly worse on the
+  device's latest samples than on its own cluster's other devices: a one-sided
+  z-test on the accuracy gap, with the binomial standard error of scores on
+  ``samples`` samples (:func:`fit_gap_z`). A device whose detector fired is
+  tested against its own model at the smaller ``drift_z``, any other device,
+  and any other model, at ``split_z``; no detector has to fire, so a drift
+  at the very first step is caught too;
+* a device is moved to another model when its own no longer fits and the other
+  does, or when the other fits it significantly and clearly
+  (``switch_margin``) better: a concept seen before is recognised;
+* a device that no model fits gets a new model; devices split at the same tick
   whose scores on every model agree share one new model;
 * two models are merged when each fits the other's devices about as well as
   their own (:func:`cluster_distance` at most ``merge_distance``), keeping the
@@ -35,6 +41,45 @@ import numpy as np
 from fedge.contracts.protocol import DriftReport
 from fedge.core.pool import ClusterPlan, ClusterView
 from fedge.core.ports import Scores
+
+
+def fit_gap_z(device_acc: float, reference_acc: float, samples: int, references: int = 1) -> float:
+    """How many standard errors ``device_acc`` lies below ``reference_acc``.
+
+    Both are fractions right of ``samples`` samples per device, the reference
+    the median over ``references`` devices (the median of ``m`` binomial
+    scores has about ``pi / 2`` times the variance of their mean, so the
+    reference adds ``1.57 / m`` of one score's variance). The variance uses the
+    pooled accuracy, kept at least half a sample away from 0 and 1 so that a
+    perfect score still has a noise floor.
+
+    Parameters
+    ----------
+    device_acc : float
+        The model's accuracy on the device's latest samples.
+    reference_acc : float
+        The model's accuracy on the devices it serves.
+    samples : int
+        Samples behind each accuracy.
+    references : int, default 1
+        Devices behind ``reference_acc``.
+
+    Returns
+    -------
+    float
+        The z statistic; positive when the device is served worse.
+
+    Examples
+    --------
+    >>> round(fit_gap_z(0.80, 0.90, 100, 9), 2)
+    2.58
+    """
+    n = max(1, int(samples))
+    m = max(1, int(references))
+    floor = 0.5 / n
+    pooled = min(max((device_acc + reference_acc) / 2.0, floor), 1.0 - floor)
+    se = float(np.sqrt(pooled * (1.0 - pooled) / n * (1.0 + np.pi / 2.0 / m)))
+    return (reference_acc - device_acc) / se
 
 
 def mean_score(scores: Scores, devices: Sequence[int], model: int) -> float | None:
@@ -95,16 +140,17 @@ def merge_agreeing(
 
 @dataclass
 class DriftClustering:
-    """Drift-triggered splits, score-based recognition and merges of models.
+    """Score-based splits, recognition and merges of models; a detector lowers the bar.
 
     Parameters
     ----------
     switch_margin : float, default 0.1
-        A device moves to another model only if it scores at least this much
-        better on the device's latest samples than the device's own model.
-    fit_margin : float, default 0.1
-        A model "fits" a device when it scores within this of the accuracy it
-        has on its own devices.
+        A device whose own model still fits moves to another only if that one
+        scores at least this much better (and significantly so) on the
+        device's latest samples.
+    fit_margin : float, default 0.02
+        The smallest accuracy gap that counts as "not fitting", however many
+        samples the scores rest on (an effect-size floor under the z-test).
     merge_distance : float, default 0.05
         Models whose :func:`cluster_distance` is at most this are merged.
     max_models : int, default 6
@@ -114,17 +160,34 @@ class DriftClustering:
         when that model gets at least this fraction right (fine-tuning keeps what
         the concepts share), else from fresh weights (a concept that contradicts
         every known one, such as a label flip, is learnt faster anew).
+    samples : int, default 100
+        Samples behind each score (a device's latest tick).
+    split_z : float, default 3.0
+        z a device's accuracy gap must exceed to leave its model when its
+        detector stayed silent (a false split per 740 device-ticks).
+    drift_z : float, default 1.5
+        The same once the device's detector fired (the detector is evidence
+        against its own model; joining another model is always tested at
+        ``split_z``).
 
-    A device whose detector stayed silent is split too when its model scores
-    more than ``1.5 * fit_margin`` below that model's accuracy on its own
-    devices (a drift the detector missed).
+    Examples
+    --------
+    >>> policy = DriftClustering()
+    >>> views = {0: ClusterView(0, 1, (0, 1, 2, 3), 0, 0)}
+    >>> scores = {0: {0: 0.93}, 1: {0: 0.91}, 2: {0: 0.92}, 3: {0: 0.72}}
+    >>> reports = [DriftReport(d, 1, 1, 100, 8, False, 0, 0, 100) for d in range(4)]
+    >>> policy.plan(1, reports, views, scores).assignment
+    {0: 0, 1: 0, 2: 0, 3: 1}
     """
 
     switch_margin: float = 0.1
-    fit_margin: float = 0.1
+    fit_margin: float = 0.02
     merge_distance: float = 0.05
     max_models: int = 6
     start_floor: float = 0.5
+    samples: int = 100
+    split_z: float = 3.0
+    drift_z: float = 1.5
     home: dict[int, float] = field(default_factory=dict, repr=False)
 
     @property
@@ -141,9 +204,40 @@ class DriftClustering:
         best = max(fitting, key=lambda k: (fitting[k], -k))
         return best if fitting[best] >= self.start_floor else None
 
-    def _fits(self, key: int, score: float) -> bool:
-        reference = self.home.get(key, max(self.home.values(), default=1.0))
-        return score >= reference - self.fit_margin
+    def _reference(
+        self, key: int, device: int, scores: Scores, members: Mapping[int, Sequence[int]], drifted: set[int]
+    ) -> tuple[float, int] | None:
+        """Model ``key``'s accuracy on its other (silent) devices now, else its last home.
+
+        Leaving the device out keeps a drifted device from pulling its own
+        reference down; the median keeps a drifted minority from pulling down
+        everyone's.
+        """
+        others = [
+            scores[o][key]
+            for o in members.get(key, ())
+            if o != device and o not in drifted and key in scores.get(o, {})
+        ]
+        if others:
+            return float(np.median(others)), len(others)
+        if key in self.home:
+            return self.home[key], 1
+        return None
+
+    def _fits(self, key: int, device: int, scores: Scores, members: Mapping[int, Sequence[int]], drifted: set[int], z: float) -> bool:
+        """Whether model ``key`` serves ``device`` about as well as its own devices."""
+        score = scores[device][key]
+        ref = self._reference(key, device, scores, members, drifted)
+        if ref is None:
+            return True  # nothing to compare with: no evidence against it
+        reference, m = ref
+        if reference - score < self.fit_margin:
+            return True
+        return fit_gap_z(score, reference, self.samples, m) <= z
+
+    def _better(self, new: float, old: float, z: float) -> bool:
+        """Whether a score of ``new`` is clearly and significantly above ``old``."""
+        return new >= old + self.switch_margin and fit_gap_z(old, new, self.samples) > z
 
     def plan(
         self,
@@ -156,15 +250,12 @@ class DriftClustering:
         devices = [r.device for r in reports]
         drifted = {r.device for r in reports if r.drift}
         current = {d: k for k, c in clusters.items() for d in c.devices}
+        members = {k: tuple(c.devices) for k, c in clusters.items()}
         next_key = max(clusters, default=-1) + 1
         scores = scores or {}
         assignment: dict[int, int] = {}
         start_from: dict[int, int | None] = {}
         reasons: dict[int, str] = {}
-        for key, cluster in clusters.items():
-            own = mean_score(scores, [d for d in cluster.devices if d not in drifted], key)
-            if own is not None:
-                self.home[key] = own
 
         newcomers: list[int] = []
         for d in devices:
@@ -176,18 +267,29 @@ class DriftClustering:
                 else:
                     newcomers.append(d)
                 continue
-            best = max(s, key=lambda k: (s[k], -k))
+            # A firing detector is evidence against the device's own model only: it
+            # lowers the bar for leaving it, not for joining another model.
+            z = self.drift_z if d in drifted else self.split_z
+            fitting = [
+                k for k in s if self._fits(k, d, scores, members, drifted, z if k == cur else self.split_z)
+            ]
+            own_fits = cur in fitting
+            best = max(fitting, key=lambda k: (s[k], -k)) if fitting else None
             own = s.get(cur, -1.0) if cur is not None else -1.0
-            if best != cur and s[best] >= own + self.switch_margin and self._fits(best, s[best]):
+            if cur is None:
+                if best is None:
+                    newcomers.append(d)
+                else:
+                    assignment[d] = best
+            elif cur not in s:
+                assignment[d] = cur  # its model was not scored: no evidence either way
+            elif best is not None and best != cur and (not own_fits or self._better(s[best], own, z)):
                 assignment[d] = best
                 reasons[d] = f"fits cluster {best} better ({s[best]:.2f} vs {own:.2f})"
-            elif cur is not None and (
-                (d in drifted and not self._fits(cur, own))
-                or (cur in s and own < self.home.get(cur, 1.0) - 1.5 * self.fit_margin)
-            ):
+            elif not own_fits:
                 newcomers.append(d)
             else:
-                assignment[d] = cur if cur is not None else best
+                assignment[d] = cur
 
         # Newcomers whose scores agree on every model share one new model.
         groups: list[list[int]] = []
@@ -210,18 +312,29 @@ class DriftClustering:
             for d in group:
                 assignment[d] = key
                 if d in current:
-                    reasons[d] = f"drift: new cluster {key} (left cluster {current[d]})"
+                    reasons[d] = f"split: new cluster {key} (left cluster {current[d]})"
 
-        members: dict[int, list[int]] = {}
+        kept_members: dict[int, list[int]] = {}
         for d, k in assignment.items():
             if k in clusters:
-                members.setdefault(k, []).append(d)
-        kept, merged = merge_agreeing(scores, members, self.merge_distance)
+                kept_members.setdefault(k, []).append(d)
+        kept, merged = merge_agreeing(scores, kept_members, self.merge_distance)
         for keep in merged:
             for d in kept[keep]:
                 if assignment[d] != keep:
                     reasons[d] = f"cluster {assignment[d]} merged into {keep}"
                     assignment[d] = keep
+
+        # A model's home accuracy: the median over the silent devices it keeps
+        # (devices that left it say nothing about how it fits its own concept).
+        for k in clusters:
+            own = [
+                scores[d][k]
+                for d, a in assignment.items()
+                if a == k and d not in drifted and k in scores.get(d, {})
+            ]
+            if own:
+                self.home[k] = float(np.median(own))
 
         in_use = set(assignment.values())
         idle = sorted((c.last_used, k) for k, c in clusters.items() if k not in in_use)

@@ -50,6 +50,10 @@ GENERATOR_NAMES: tuple[str, ...] = (
     "digits-swap",
     "digits-shift",
     "segment-gain",
+    "river-sea",
+    "river-stagger",
+    "river-agrawal",
+    "river-hyperplane",
 )
 """Registered generators; ``digits-shift`` and ``segment-gain`` are real datasets
 split across devices (:mod:`fedge.scenarios.real_data`)."""
@@ -432,6 +436,22 @@ def _build_sea4(params: dict[str, Any]) -> Generator:
     return Sea4Generator(**params)
 
 
+_RIVER_PARAMS = {"sea": ("noise",), "stagger": (), "agrawal": ("perturbation",), "hyperplane": ("n_features", "noise")}
+
+
+def _river(kind: str) -> Callable[[dict[str, Any]], Generator]:
+    def build(params: dict[str, Any]) -> Generator:
+        from fedge.scenarios.river_synth import RiverSynthGenerator
+
+        params = dict(params)
+        concepts = params.pop("concepts", (0, 1))
+        if isinstance(concepts, str):  # "0,2" from a command line or a flat table
+            concepts = tuple(int(c) for c in concepts.strip("[]() ").split(",") if c.strip())
+        return RiverSynthGenerator(kind, concepts, **params)  # type: ignore[return-value]
+
+    return build
+
+
 _REAL_DATA_PARAMS = ("partitioner", "alpha", "seed", "n_clients")
 
 
@@ -451,6 +471,8 @@ _FACTORIES: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Generato
     "digits-shift": (_REAL_DATA_PARAMS, lambda p: _build_real("digits-shift", p)),
     "segment-gain": (_REAL_DATA_PARAMS, lambda p: _build_real("segment-gain", p)),
 }
+# river's synthetic streams (fedge.scenarios.river_synth): river-sea, -stagger, -agrawal, -hyperplane.
+_FACTORIES.update({f"river-{kind}": (("concepts", *extra), _river(kind)) for kind, extra in _RIVER_PARAMS.items()})
 
 
 def make_generator(name: str, **params: Any) -> Generator:

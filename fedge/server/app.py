@@ -179,6 +179,9 @@ def cluster_policy_for(cfg: FedgeConfig) -> ClusterPolicy | None:
         fit_margin=cfg.clustering.fit_margin,
         merge_distance=cfg.clustering.merge_distance,
         max_models=cfg.clustering.max_models,
+        samples=cfg.scenario.samples_per_tick,
+        split_z=cfg.clustering.split_z,
+        drift_z=cfg.clustering.drift_z,
     )
 
 
