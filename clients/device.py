@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.inbox import Batch, Inbox, InboxSchema, inbox_path, read_schema
+from clients import device_data
+from clients.inbox import Batch, InboxSchema, inbox_path, read_schema
 from clients.label_free import (
     LabelFreeMonitor,
     LabelFreeUpdate,
@@ -34,7 +35,7 @@ from clients.label_free import (
 )
 from clients.monitor import DriftMonitor, MonitorStateError
 from clients.store import DeviceStore
-from clients.validation import validate_rows
+from clients.validation import UNLABELLED, validate_rows
 from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
@@ -58,13 +59,17 @@ COUNTERS_KEY = "counters"
 GENERATION_KEY = "generation"
 RESIDUAL_KEY = "upload-residual"
 FAMILY_KEY = "model-family"
-INBOX_CURSOR_KEY = "inbox-cursor"
+INBOX_CURSOR_KEY = device_data.INBOX_CURSOR_KEY
 LAST_TICK_KEY = "last-tick"
 LAST_REPORT_KEY = "last-report"
 MODEL_SEAL_KEY = "model-seal"
 MODEL_REFUSED_KEY = "model-refused"
 
 torch.set_num_threads(1)
+
+
+class TooFewLabels(ValueError):
+    """A device asked to train holds fewer labelled samples than ``campaign.min_labels``."""
 
 
 class Device:
@@ -205,12 +210,12 @@ class Device:
         with self.store.transaction():
             self.store.put_model(version, weights)
             self.store.put_state(MODEL_SEAL_KEY, json.dumps(seal.to_dict()).encode())
-            if new_family is not None:
-                if previous != new_family:
-                    self.monitor.reset()
-                self.store.put_state(FAMILY_KEY, new_family)
-            elif self.version != version:
+            restart = previous != new_family if new_family is not None else self.version != version
+            if restart:
                 self.monitor.reset()
+            if new_family is not None:
+                self.store.put_state(FAMILY_KEY, new_family)
+            device_data.note_install(self, version, restart)
             self._install_label_free()
             self._persist()
         self.version = version
@@ -285,29 +290,8 @@ class Device:
 
     # -- monitoring --------------------------------------------------------------------------
     def read_inbox(self, tick: int) -> Batch | None:
-        """Rows the device application put in the ingest inbox up to ``tick``.
-
-        Returns ``None`` when the device has no inbox (it has no data then). The
-        cursor lives in the store, so a batch is taken exactly once even across
-        restarts.
-        """
-        path = inbox_path(self.store.path)
-        if not path.exists():
-            return None
-        raw = self.store.get_state(INBOX_CURSOR_KEY)
-        with Inbox(
-            path,
-            n_features=self.schema.n_features,
-            n_classes=self.schema.n_classes,
-            key_file=self.store.key_path,
-        ) as inbox:
-            batch = inbox.take(after=int(raw) if raw else 0, through_tick=tick)
-        if batch.unauthenticated:
-            # Changed on disk since it was sealed: never read as data, counted for the operator.
-            self.counters["inbox_unauthenticated"] = (
-                self.counters.get("inbox_unauthenticated", 0) + batch.unauthenticated
-            )
-        return batch
+        """Rows the device application put in the ingest inbox up to ``tick`` (None: no inbox)."""
+        return device_data.read_inbox(self, tick)[0]
 
     def monitor_tick(
         self,
@@ -320,11 +304,11 @@ class Device:
         Without explicit rows the device reads its ingest inbox; a device
         without an inbox has no data, reports no samples and says so once.
         """
-        ingested: Batch | None = None
+        ingested, late = None, None
         if x_raw is None or y_raw is None:
-            ingested = self.read_inbox(tick)
+            ingested, late = device_data.read_inbox(self, tick)
             if ingested is not None:
-                x_raw, y_raw = ingested.x, ingested.y
+                x_raw, y_raw = ingested.x, np.where(ingested.y == UNLABELLED, np.nan, ingested.y)
             else:
                 if not self._said_no_data:
                     log.warning(
@@ -340,48 +324,58 @@ class Device:
         if ingested is not None:
             # Rows the device application's ingest dropped count as rejected here too.
             rejected = {k: v + ingested.rejected.get(k, 0) for k, v in rejected.items()}
-        n_errors, drift, n_drifts = 0, False, 0
-        if self.version > 0 and len(rows.y):
-            errors = self.task.errors(
-                self._model, self._shaped(rows.x), rows.y, self._tolerance(rows.y)
-            )
-            n_errors = int(errors.sum())
-            update = self.monitor.update(errors)
-            drift, n_drifts = update.drift, update.n_drifts
+        labelled = rows.labelled
+        # Every row is predicted on arrival (kept, sealed, for a label that comes later);
+        # the labelled ones are scored now.
+        predicted = self.task.predict(self._model, self._shaped(rows.x)) if self.version > 0 and len(rows.y) else None
+        own = (
+            device_data.mistakes(self.task, predicted[labelled], rows.y[labelled], self._tolerance(rows.y[labelled]))
+            if predicted is not None
+            else np.zeros(0, dtype=np.int8)
+        )
         free = self._label_free_tick(rows.x)
         self.counters["rejected_total"] += rejected["total"]
         # Window, detector, counters and the outbox move together or not at all.
         with self.store.transaction():
+            ids = ingested.ids[rows.index] if ingested is not None and len(ingested.ids) else None
+            self.store.append(rows.x, rows.y, tick, samples=ids, predictions=predicted, predicted_by=self.version)
+            labels = device_data.apply_late_labels(self, late, tick)
+            errors = np.concatenate([labels.stream_errors, own])
+            drift, n_drifts = False, 0
+            if len(errors):
+                update = self.monitor.update(errors)
+                drift, n_drifts = update.drift, update.n_drifts
             if (drift or free.drift) and self.cfg.monitor.reset_window_on_drift:
                 # The window is the training data of the next campaign: keep only
                 # samples of the new concept.
                 self.store.drop_before(tick)
-            self.store.append(rows.x, rows.y, tick)
-            if ingested is not None and not ingested.empty:
-                self.store.put_state(INBOX_CURSOR_KEY, str(ingested.last_batch_id).encode())
+            device_data.keep_cursors(self, ingested, late)
+            window, window_labelled = len(self.store), self.store.labelled_count()
             report = DriftReport(
                 device=self.device_id,
                 tick=tick,
                 model_version=self.version,
                 n_samples=len(rows.y),
-                n_errors=n_errors,
+                n_errors=int(errors.sum()),
                 drift=drift,
                 n_drifts=n_drifts,
                 drifts_total=self.monitor.drifts_total,
-                window_size=len(self.store),
+                window_size=window,
                 rejected_non_finite=rejected["non_finite"],
                 rejected_wrong_width=rejected["wrong_width"],
                 rejected_unknown_label=rejected["unknown_label"],
+                n_labelled=int(labelled.sum()),
+                n_scored=len(errors),
+                labels_outstanding=window - window_labelled,
+                window_labelled=window_labelled,
+                **labels.fields(),
                 **self._audit_anchor(),
                 **self._refusal_fields(),
                 **free.fields(),
             )
             self._record(report)
             self._persist()
-        if ingested is not None and not ingested.empty:
-            # Taken batches are in the store now; the inbox stays small.
-            with Inbox(inbox_path(self.store.path), key_file=self.store.key_path) as inbox:
-                inbox.prune(ingested.last_batch_id)
+        device_data.prune_inbox(self, ingested, late)
         if rejected["total"]:
             log.info("device %d tick %d: rejected %s", self.device_id, tick, rejected)
         return report
@@ -511,6 +505,7 @@ class Device:
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Window split: every ``holdout_every``-th sample is held out for evaluation."""
         x, y, _ = self.store.window()
+        x, y = x[y != UNLABELLED], y[y != UNLABELLED]  # learning and the gate need labels
         hold = np.zeros(len(y), dtype=bool)
         hold[self.cfg.campaign.holdout_every - 1 :: self.cfg.campaign.holdout_every] = True
         return x[~hold], y[~hold], x[hold], y[hold]
@@ -525,8 +520,19 @@ class Device:
         seed: int,
         proximal_mu: float = 0.0,
     ) -> tuple[dict[str, np.ndarray], int, float]:
-        """Train the given global model on the window; returns weights, examples, loss."""
-        x, y, _, _ = self._split()
+        """Train the given global model on the window's labelled samples; returns weights, examples, loss.
+
+        Raises
+        ------
+        TooFewLabels
+            The window holds fewer labelled samples than ``campaign.min_labels``.
+        """
+        x, y, xh, _ = self._split()
+        if len(y) + len(xh) < self.cfg.campaign.min_labels:
+            raise TooFewLabels(
+                f"device {self.device_id} holds {len(y) + len(xh)} labelled samples, fewer than "
+                f"campaign.min_labels={self.cfg.campaign.min_labels}; it stays out of this round"
+            )
         model = self._model_with(weights)
         loss = self.task.train(
             model, self._shaped(x), y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -554,6 +560,7 @@ class Device:
         if self.task.declares_tolerance:
             return self.task.tolerance(np.zeros(0))
         _, y, _ = self.store.window()
+        y = y[y != UNLABELLED]
         if not len(y) and fallback is not None:
             y = fallback
         return self.task.tolerance(y)
@@ -586,7 +593,7 @@ class Device:
         """
         x, y, ticks = self.store.window()
         if len(y):
-            latest = ticks == ticks.max()
+            latest = (ticks == ticks.max()) & (y != UNLABELLED)
             x, y = x[latest], y[latest]
         model = self._build()
         xs, tol = self._shaped(x), self._tolerance()

@@ -78,23 +78,29 @@ import numpy as np
 
 from clients.crypto import RecordAuthenticationError
 from clients.inbox_batches import (
+    UNLABELLED,
     BatchInput,
     InboxSchema,
     IngestError,
     OnInvalid,
     Staging,
+    _positive,
     stage,
 )
+from clients.inbox_labels import LABELS_TABLE, LabelQueue, LabelReceipt, LateLabels
 from clients.inbox_seal import (
     INBOX_SUFFIX,
     PLAIN_FORMAT,
+    READABLE_FORMATS,
     SEALED_FORMAT,
     check_key,
+    create_private_file,
     key_check,
     open_batch,
     open_cipher,
     seal_batch,
     seal_in_place,
+    upgrade_to_ids,
 )
 from clients.validation import REJECT_REASONS
 
@@ -114,9 +120,12 @@ _SCHEMA = (
         " y BLOB NOT NULL,"
         " rejected TEXT NOT NULL,"
         " source TEXT NOT NULL,"
-        " received REAL NOT NULL)"
+        " received REAL NOT NULL,"
+        " first_row INTEGER NOT NULL DEFAULT 0)"
     ),
+    LABELS_TABLE,
 )
+__all__ = ["UNLABELLED", "LabelReceipt", "LateLabels", "_positive"]  # re-exported
 log = logging.getLogger("fedge.device")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -145,12 +154,20 @@ class Receipt:
         Rows stored.
     rejected : dict of str to int
         Rows dropped per reason (only with ``on_invalid="drop"``) and ``"total"``.
+    first_row : int, default 0
+        Sample id of the batch's first input row: row ``k`` of the input (kept or
+        dropped) is sample ``first_row + k``, the id a late label names
+        (:meth:`Inbox.append_labels`).
+    rows : int, default 0
+        Input rows, kept or dropped (the ids ``first_row .. first_row + rows - 1``).
     """
 
     batch_id: int
     tick: int
     accepted: int
     rejected: dict[str, int] = field(default_factory=_no_rejects)
+    first_row: int = 0
+    rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,12 +181,14 @@ class Batch:
     x : numpy.ndarray
         ``float32`` rows, shape ``(n, n_features)``.
     y : numpy.ndarray
-        ``int64`` labels, shape ``(n,)``.
+        ``int64`` labels, shape ``(n,)``; :data:`UNLABELLED` for a row without one.
     rejected : dict of str to int
         Rows dropped at ingest, per reason, and ``"total"``.
     unauthenticated : int
         Rows of batches whose sealed bytes failed authentication (changed on
         disk): skipped, never read as data.
+    ids : numpy.ndarray, optional
+        ``int64`` sample id of each row (0: a row stored before inboxes gave ids).
     """
 
     last_batch_id: int
@@ -177,6 +196,7 @@ class Batch:
     y: np.ndarray
     rejected: dict[str, int]
     unauthenticated: int = 0
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def empty(self) -> bool:
@@ -187,7 +207,7 @@ class Batch:
 # -- checking and staging a call's batches ---------------------------------------------------
 
 # -- the inbox ---------------------------------------------------------------------------------
-class Inbox:
+class Inbox(LabelQueue):
     """A device's append-only queue of validated rows, one batch per tick.
 
     Parameters
@@ -235,7 +255,7 @@ class Inbox:
             # Check the schema before anything exists on disk.
             _positive(n_features, "n_features")
             _positive(n_classes, "n_classes")
-            self._created = _create_private_file(self.path)
+            self._created = create_private_file(self.path)
         try:
             self._conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -245,7 +265,7 @@ class Inbox:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 stored = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if stored and stored.get("format") not in (SEALED_FORMAT, PLAIN_FORMAT):
+                if stored and stored.get("format") not in READABLE_FORMATS:
                     raise IngestError(f"ingest: {self.path} is not a fedge ingest inbox")
                 if not stored:
                     if n_features is None or n_classes is None:
@@ -255,6 +275,7 @@ class Inbox:
                         "n_features": str(_positive(n_features, "n_features")),
                         "n_classes": str(_positive(n_classes, "n_classes")),
                         "last_tick": "-1",
+                        "last_row": "0",
                         "key_check": key_check(self._cipher),
                     }
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", stored.items())
@@ -262,6 +283,8 @@ class Inbox:
                     seal_in_place(conn, self._cipher, self.path)
                 else:
                     check_key(self._cipher, stored.get("key_check", ""), self.path, self.key_path)
+                if stored["format"] != SEALED_FORMAT:
+                    upgrade_to_ids(conn, self.path)
             if stored["format"] == PLAIN_FORMAT:
                 # The clear pages were rewritten in the WAL; fold them into the file now.
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -332,7 +355,8 @@ class Inbox:
         x : array-like
             Feature rows, ``(n, n_features)``.
         y : array-like
-            One integer label per row (booleans are not labels).
+            One integer label per row (booleans are not labels); ``None`` or NaN for
+            a row whose label is not known (yet): it is stored, never rejected.
         on_invalid : {"raise", "drop"}, default "raise"
             Refuse a batch with a bad row, or drop and count the bad rows.
         source : str, default ""
@@ -380,6 +404,7 @@ class Inbox:
                     " COALESCE((SELECT MAX(id) FROM batches), 0))"
                 ).fetchone()
                 batch_id = int(top)
+                next_row = int(conn.execute("SELECT value FROM meta WHERE key = 'last_row'").fetchone()[0]) + 1
                 for batch in staged:
                     if batch_id == top:  # only a call that stores something marks the origin
                         _check_origin(conn, self.path, source)
@@ -393,12 +418,17 @@ class Inbox:
                     batch_id += 1
                     x, y = seal_batch(self._cipher, batch_id, batch.tick, batch.n, batch.x, batch.y)
                     conn.execute(
-                        "INSERT INTO batches (id, tick, n, x, y, rejected, source, received)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (batch_id, batch.tick, batch.n, x, y, batch.rejected, source, now),
+                        "INSERT INTO batches (id, tick, n, x, y, rejected, source, received, first_row)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (batch_id, batch.tick, batch.n, x, y, batch.rejected, source, now, next_row),
                     )
-                    receipts.append(Receipt(batch_id, batch.tick, batch.n, json.loads(batch.rejected)))
+                    rejected = json.loads(batch.rejected)
+                    receipts.append(
+                        Receipt(batch_id, batch.tick, batch.n, rejected, next_row, batch.n_in)
+                    )
+                    next_row += batch.n_in
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'last_tick'", (str(last),))
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'last_row'", (str(next_row - 1),))
         except sqlite3.Error as exc:
             raise IngestError(
                 f"ingest: cannot write to {self.path} ({exc}); nothing from this call was stored"
@@ -422,7 +452,7 @@ class Inbox:
             The rows, the drop counts and the new cursor (``last_batch_id``; 0 if
             nothing was taken).
         """
-        query = "SELECT id, tick, n, x, y, rejected FROM batches WHERE id > ?"
+        query = "SELECT id, tick, n, x, y, rejected, first_row FROM batches WHERE id > ?"
         params: list[int] = [int(after)]
         if through_tick is not None:
             query += " AND tick <= ?"
@@ -431,12 +461,13 @@ class Inbox:
         rejected = _no_rejects()
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
+        ids: list[np.ndarray] = []
         last = 0
         unauthenticated = 0
-        for batch_id, tick, n, xb, yb, rej in rows:
+        for batch_id, tick, n, xb, yb, rej, first in rows:
             last = int(batch_id)
             try:
-                x, y = open_batch(self._cipher, batch_id, tick, n, xb, yb, self.n_features)
+                x, y, at = open_batch(self._cipher, batch_id, tick, n, xb, yb, self.n_features)
             except RecordAuthenticationError as exc:
                 unauthenticated += int(n)
                 log.warning(
@@ -446,11 +477,13 @@ class Inbox:
                 continue
             xs.append(x)
             ys.append(y)
+            ids.append(first + at if first else np.zeros(len(y), dtype=np.int64))
             for key, value in json.loads(rej).items():
                 rejected[key] = rejected.get(key, 0) + int(value)
         x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), dtype=np.float32)
         y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-        return Batch(last, x, y, rejected, unauthenticated)
+        sample_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        return Batch(last, x, y, rejected, unauthenticated, sample_ids)
 
     def prune(self, through_batch: int) -> int:
         """Delete batches up to and including ``through_batch`` (already taken); returns how many."""
@@ -611,30 +644,3 @@ def ingest(
             raise
         inbox.close()
         return receipts
-
-
-def _create_private_file(path: Path) -> bool:
-    """Create an empty owner-only file (and owner-only folders); False if it already existed.
-
-    The mode is given to ``open`` itself, so no row is ever written to a file
-    others could read, and SQLite copies it onto the sidecar files it creates.
-    """
-    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir(mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    try:
-        os.fchmod(fd, 0o600)  # exact, whatever the umask
-    finally:
-        os.close(fd)
-    return True
-
-
-def _positive(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
-        raise IngestError(f"ingest: {what} must be a positive integer, got {value!r}")
-    return int(value)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from clients.crypto import RecordCipher, new_key
-from clients.validation import REJECT_REASONS, validate_rows
+from clients.validation import REJECT_REASONS, UNLABELLED, validate_rows
 
 OnInvalid = Literal["raise", "drop"]
 BatchInput = tuple[int, "np.ndarray | Sequence[Any]", "np.ndarray | Sequence[Any]"]
@@ -32,6 +32,7 @@ _REASON_TEXT = {
     "non_finite": "a feature is NaN, infinite or not a number",
     "unknown_label": "the label is not one of the device's classes",
 }
+__all__ = ["UNLABELLED"]  # re-exported: the label an inbox keeps for a row without one
 _INT64_MAX = 2**63 - 1
 
 
@@ -65,8 +66,11 @@ class _Checked:
     tick: int
     n: int
     x: bytes
+    #: int64 labels (UNLABELLED for none), then the int64 input position of each row.
     y: bytes
     rejected: str
+    #: Rows in the input, kept or dropped (each one is given a sample id).
+    n_in: int = 0
 
 
 def _check_batch(
@@ -99,7 +103,11 @@ def _check_batch(
         )
     xs = np.ascontiguousarray(rows.x, dtype=np.float32).reshape(-1, schema.n_features)
     ys = np.ascontiguousarray(rows.y, dtype=np.int64)
-    return _Checked(tick, len(ys), xs.tobytes(), ys.tobytes(), json.dumps(dict(rows.rejected)))
+    labels_and_positions = ys.tobytes() + np.ascontiguousarray(rows.index, dtype=np.int64).tobytes()
+    n_in = rows.n_accepted + rows.rejected["total"]
+    return _Checked(
+        tick, len(ys), xs.tobytes(), labels_and_positions, json.dumps(dict(rows.rejected)), n_in
+    )
 
 
 def _first_bad_row(
@@ -146,7 +154,7 @@ class Staging:
             self._disk.execute("PRAGMA synchronous=OFF")
             self._disk.execute(
                 "CREATE TABLE staged (seq INTEGER PRIMARY KEY, tick INTEGER, n INTEGER,"
-                " x BLOB, y BLOB, rejected TEXT)"
+                " x BLOB, y BLOB, rejected TEXT, n_in INTEGER)"
             )
             for held in self._memory:
                 self._insert(held)
@@ -158,8 +166,8 @@ class Staging:
         seq = self._seq
         x, y = self._cipher.seal_many([batch.x, batch.y], [b"x%d" % seq, b"y%d" % seq])
         self._disk.execute(
-            "INSERT INTO staged (seq, tick, n, x, y, rejected) VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, batch.tick, batch.n, x, y, batch.rejected),
+            "INSERT INTO staged (seq, tick, n, x, y, rejected, n_in) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, batch.tick, batch.n, x, y, batch.rejected, batch.n_in),
         )
 
     def __iter__(self) -> Iterator[_Checked]:
@@ -168,11 +176,11 @@ class Staging:
             return
         # The cursor steps one row at a time, so reading back is bounded too.
         assert self._cipher is not None
-        for seq, tick, n, x, y, rejected in self._disk.execute(
-            "SELECT seq, tick, n, x, y, rejected FROM staged ORDER BY seq"
+        for seq, tick, n, x, y, rejected, n_in in self._disk.execute(
+            "SELECT seq, tick, n, x, y, rejected, n_in FROM staged ORDER BY seq"
         ):
             x, y = self._cipher.open_many([x, y], [b"x%d" % seq, b"y%d" % seq])
-            yield _Checked(int(tick), int(n), x, y, rejected)
+            yield _Checked(int(tick), int(n), x, y, rejected, int(n_in))
 
     def close(self) -> None:
         self._memory.clear()
@@ -221,6 +229,12 @@ def stage(
         staged.close()
         raise
     return staged
+
+
+def _positive(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
+        raise IngestError(f"ingest: {what} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _cut(text: str, limit: int) -> str:

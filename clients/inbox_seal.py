@@ -11,11 +11,17 @@ before any batch is read.
 An inbox written before sealing existed (format 1) is sealed in place the first time
 it is opened; SQLite's ``secure_delete`` (set by the inbox) zeroes the clear pages the
 upgrade and pruning leave, and the write-ahead log is checkpointed and truncated.
+
+Format 3 gives every ingested row a sample id (a batch's ``first_row`` plus the row's
+position in the input) and keeps late labels; a format-2 inbox is upgraded in place when
+opened (its batches keep no ids: a late label cannot name their rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -30,9 +36,12 @@ from clients.crypto import (
 )
 from clients.inbox_batches import IngestError
 
-SEALED_FORMAT = "fedge-ingest-inbox/2"
+SEALED_FORMAT = "fedge-ingest-inbox/3"
+V2_FORMAT = "fedge-ingest-inbox/2"
+"""Sealed batches without sample ids; upgraded in place when opened."""
 PLAIN_FORMAT = "fedge-ingest-inbox/1"
 """Inboxes written before batches were sealed; sealed in place when opened."""
+READABLE_FORMATS = (SEALED_FORMAT, V2_FORMAT, PLAIN_FORMAT)
 INBOX_SUFFIX = ".inbox.sqlite"
 
 _KEY_CHECK = b"fedge-ingest-inbox key check"
@@ -98,8 +107,11 @@ def seal_batch(
 
 def open_batch(
     cipher: RecordCipher, batch_id: int, tick: int, n: int, x: bytes, y: bytes, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(n, width)`` and labels ``(n,)`` of a sealed batch.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features ``(n, width)``, labels ``(n,)`` and input positions ``(n,)`` of a sealed batch.
+
+    The label part holds the int64 labels, then (format 3) the int64 position of each
+    row in the input it came with; a format-2 batch gives positions ``0 .. n - 1``.
 
     Raises
     ------
@@ -108,9 +120,42 @@ def open_batch(
         have the row count it is stored with.
     """
     xb, yb = cipher.open_many([x, y], [_aad(batch_id, tick, n, b"x"), _aad(batch_id, tick, n, b"y")])
-    if len(xb) != 4 * width * n or len(yb) != 8 * n:
+    if len(xb) != 4 * width * n or len(yb) not in (8 * n, 16 * n):
         raise RecordAuthenticationError("the batch's contents do not have its row count")
-    return np.frombuffer(xb, dtype=np.float32).reshape(n, width), np.frombuffer(yb, dtype=np.int64)
+    parts = np.frombuffer(yb, dtype=np.int64)
+    positions = parts[n:] if len(yb) == 16 * n else np.arange(n, dtype=np.int64)
+    return np.frombuffer(xb, dtype=np.float32).reshape(n, width), parts[:n], positions
+
+
+def upgrade_to_ids(conn: sqlite3.Connection, inbox: Path) -> None:
+    """Give a format-2 inbox the sample-id column and counter (inside the caller's transaction)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(batches)")}
+    if "first_row" not in columns:
+        conn.execute("ALTER TABLE batches ADD COLUMN first_row INTEGER NOT NULL DEFAULT 0")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('last_row', '0')")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (SEALED_FORMAT,))
+    log.info("inbox %s: upgraded to sample ids and late labels (%s)", inbox, SEALED_FORMAT)
+
+
+def create_private_file(path: Path) -> bool:
+    """Create an empty owner-only file (and owner-only folders); False if it already existed.
+
+    The mode is given to ``open`` itself, so no row is ever written to a file
+    others could read, and SQLite copies it onto the sidecar files it creates.
+    """
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)  # exact, whatever the umask
+    finally:
+        os.close(fd)
+    return True
 
 
 def seal_in_place(conn: sqlite3.Connection, cipher: RecordCipher, inbox: Path) -> None:
@@ -119,6 +164,6 @@ def seal_in_place(conn: sqlite3.Connection, cipher: RecordCipher, inbox: Path) -
     for batch_id, tick, n, x, y in rows:
         sx, sy = seal_batch(cipher, batch_id, tick, n, bytes(x), bytes(y))
         conn.execute("UPDATE batches SET x = ?, y = ? WHERE id = ?", (sx, sy, batch_id))
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (SEALED_FORMAT,))
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (V2_FORMAT,))
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('key_check', ?)", (key_check(cipher),))
     log.info("inbox %s: sealed %d batches written before sealing existed", inbox, len(rows))

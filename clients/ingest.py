@@ -32,6 +32,7 @@ import numpy as np
 
 from clients.inbox import (
     CHUNK_ROWS,
+    Inbox,
     InboxSchema,
     IngestError,
     OnInvalid,
@@ -41,6 +42,7 @@ from clients.inbox import (
     read_schema,
 )
 from clients.inbox_batches import _cut, _short
+from clients.inbox_labels import read_label_file
 
 _MAX_LINE = 1 << 20  # a JSON line longer than this is refused, so one line cannot fill memory
 # ASCII only: Python's int()/float() also take "1_000", Arabic-Indic digits and "infinity".
@@ -62,7 +64,7 @@ def _column_re(cell: str) -> re.Pattern[str]:
 
 
 _FEATURE_COLUMN = _column_re(f"{_FLOAT}|{_NON_FINITE}")
-_LABEL_COLUMN = _column_re(r"-?[0-9]{1,18}(?:\.0+)?")
+_LABEL_COLUMN = _column_re(r"(?:-?[0-9]{1,18}(?:\.0+)?)?")
 # At most 18 digits keeps int() cheap and inside int64; longer cells take the careful path.
 _TICK_COLUMN = _column_re(r"[0-9]{1,18}")
 
@@ -95,13 +97,15 @@ def iter_batches(
     CSV needs a header with a ``label`` column; a ``tick`` column is optional
     (else ``default_tick``); every other column is a feature, in header order.
     A JSON line is an object ``{"x": [...], "y": <label>, "tick": <tick>}``
-    (``tick`` optional as for CSV). Consecutive rows of one tick form one batch,
+    (``tick`` optional as for CSV). An empty label cell, or a JSON line without
+    ``y`` (or with ``"y": null``), is a row without a label: it is stored (label
+    ``None`` here) and may get its label later (``--labels``). Consecutive rows of one tick form one batch,
     cut every ``chunk_rows`` rows; ticks must not go back.
 
     A label is a plain decimal integer: ``3`` or ``-1``, and also ``3.0``
     (``3.00``), because spreadsheet and pandas exports write an integer column
     that ever held a gap as floats. Anything else is refused wherever it
-    appears: ``true``, ``[1]``, ``{}``, an empty cell, ``0x1``, ``3e0``,
+    appears: ``true``, ``[1]``, ``{}``, ``0x1``, ``3e0``,
     ``3.5``, ``nan``, ``inf``, a JSON string, and integers beyond 64 bits. A
     feature is a decimal number (``nan``/``inf`` are read as such and left to
     the row checks); ticks are non-negative decimal integers.
@@ -313,7 +317,7 @@ class _Rows:
         # Row by row, the first bad cell raises with its line and column.
         ticks: list[int] = []
         xs: list[list[float]] = []
-        ys: list[int] = []
+        ys: list[int | None] = []
         where = layout.where
         for lineno, row in zip(lines, rows, strict=True):
             ti = layout.tick
@@ -349,11 +353,17 @@ class _Rows:
         cells = [r[layout.label] for r in rows]
         if not _whole_column(_LABEL_COLUMN, cells):
             return None
+        missing = [not c.strip() for c in cells]
+        if any(missing):
+            cells = [c if c.strip() else "0" for c in cells]
         labels = [int(c.split(".")[0]) for c in cells] if any("." in c for c in cells) else list(map(int, cells))
         high = self.n_classes - 1 if self.strict and self.n_classes is not None else _INT64_MAX
         low = 0 if self.strict and self.n_classes is not None else -_INT64_MAX
         if min(labels) < low or max(labels) > high:
             return None
+        if any(missing):
+            # NaN is a row without a label (clients.validation); a class fits a float exactly.
+            return ticks, x, np.where(missing, np.nan, np.asarray(labels, dtype=np.float64))  # type: ignore[return-value]
         return ticks, x, labels
 
     def _tick(self, value: str | None, lineno: int, where: str) -> int:
@@ -377,10 +387,10 @@ class _Rows:
             raise self._error(lineno, where, f"{_short(text)} is not a finite 32-bit number")
         return number
 
-    def _label_text(self, value: str, lineno: int, where: str) -> int:
+    def _label_text(self, value: str, lineno: int, where: str) -> int | None:
         text = value.strip()
         if not text:
-            raise self._error(lineno, where, "the label is empty")
+            return None  # no label (yet)
         match = _LABEL_RE.fullmatch(text)
         if match is None:
             raise self._error(
@@ -404,7 +414,7 @@ class _Rows:
         lines: list[int] = []
         ticks: list[int] = []
         xs: list[list[float]] = []
-        ys: list[int] = []
+        ys: list[int | None] = []
         for lineno, tick, x, y in self._jsonl(text):
             lines.append(lineno)
             ticks.append(tick)
@@ -436,8 +446,8 @@ class _Rows:
                 raise self._error(lineno, "", "not JSON (nested too deeply)") from None
             except ValueError as exc:
                 raise self._error(lineno, "", f"not JSON ({_short(exc.args[0], 80)})") from None
-            if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
-                raise self._error(lineno, "", "expected an object with 'x' and 'y'")
+            if not isinstance(obj, dict) or "x" not in obj:
+                raise self._error(lineno, "", "expected an object with 'x' (and 'y', its label, if known)")
             if not isinstance(obj["x"], list):
                 raise self._error(lineno, ", field 'x'", "must be a list of numbers")
             tick = self._json_tick(obj.get("tick"), lineno)
@@ -446,7 +456,7 @@ class _Rows:
                 raise self._error(
                     lineno, ", field 'x'", f"{len(xs)} features, the inbox holds rows of {self.n_features}"
                 )
-            yield lineno, tick, xs, self._json_label(obj["y"], lineno)
+            yield lineno, tick, xs, self._json_label(obj.get("y"), lineno)
 
     def _json_tick(self, value: object, lineno: int) -> int:
         where = ", field 'tick'"
@@ -467,8 +477,10 @@ class _Rows:
             number = math.inf
         return self._finite(number, lineno, where, getattr(value, "text", None) or _short(value))
 
-    def _json_label(self, value: object, lineno: int) -> int:
+    def _json_label(self, value: object, lineno: int) -> int | None:
         where = ", field 'y'"
+        if value is None:
+            return None  # no label (yet)
         if isinstance(value, _JsonFloat):
             return self._label_text(value.text, lineno, where)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -547,10 +559,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _Parser(
         prog="fedge-ingest",
-        description="Append labelled samples to a device's ingest inbox (all batches or none).",
+        description="Append samples (labelled or not), or late labels, to a device's ingest inbox (all or none).",
     )
     parser.add_argument("inbox", type=Path, help="inbox file, e.g. <run dir>/devices/device-0.inbox.sqlite")
     parser.add_argument("file", nargs="?", default="-", help="CSV or JSON-lines file; '-' for stdin")
+    parser.add_argument(
+        "--labels",
+        action="store_true",
+        help="FILE holds late labels (columns id,label; JSON {\"id\": .., \"y\": ..}) for earlier samples",
+    )
     parser.add_argument("--format", choices=("csv", "jsonl"), help="default: from the file name, else csv")
     parser.add_argument("--tick", type=int, help="tick of rows that carry none")
     parser.add_argument("--features", type=int, help="row width (only to create a new inbox)")
@@ -577,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"cannot read {args.file}: {exc.strerror or exc}")
     try:
+        if args.labels:
+            return _late_labels(args, fmt, name, stream)
         receipts = ingest_file(
             args.inbox,
             stream,
@@ -600,7 +619,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     dropped = sum(r.rejected["total"] for r in receipts)
     ticks = sorted({r.tick for r in receipts})
     span = f"ticks {ticks[0]}-{ticks[-1]}" if len(ticks) > 1 else f"tick {ticks[0]}" if ticks else "no tick"
-    print(f"stored {stored} rows in {len(receipts)} batches ({span}); dropped {dropped}")
+    ids = (
+        f"; sample ids {receipts[0].first_row}-{receipts[-1].first_row + receipts[-1].rows - 1} in file order"
+        if receipts and receipts[0].first_row
+        else ""
+    )
+    print(f"stored {stored} rows in {len(receipts)} batches ({span}); dropped {dropped}{ids}")
+    return 0
+
+
+def _late_labels(args: argparse.Namespace, fmt: Literal["csv", "jsonl"], name: str, stream: IO[bytes]) -> int:
+    """``fedge-ingest INBOX FILE --labels``: store late labels by sample id (all or none)."""
+    ids, labels = read_label_file(stream, fmt, name)
+    with Inbox.open_existing(args.inbox) as inbox:
+        receipt = inbox.append_labels(
+            ids, labels, tick=args.tick, on_invalid="drop" if args.drop_invalid else "raise", source=name
+        )
+    print(f"stored {receipt.accepted} late labels (arriving at tick {receipt.tick}); dropped {receipt.dropped}")
     return 0
 
 

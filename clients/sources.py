@@ -15,11 +15,15 @@ Files
     feature.
 ``*.npz``
     Arrays ``x`` (``(n, ...)``: rows, images or multichannel windows, flattened to
-    ``(n, features)`` in C order), ``y`` (``(n,)`` integer labels) and optionally
+    ``(n, features)`` in C order), ``y`` (``(n,)`` integer labels, or floats with NaN
+    for rows without a label) and optionally
     ``tick`` (``(n,)``). Read with ``allow_pickle=False``: an object array is refused.
 ``*.parquet``
-    Columns ``label``, optionally ``tick``, every other column a numeric feature,
-    read a row group at a time (needs ``pyarrow``).
+    Columns ``label`` (null: no label), optionally ``tick``, every other column a
+    numeric feature, read a row group at a time (needs ``pyarrow``).
+
+Rows without a label are stored like any other (never rejected) and monitored
+without labels; a label that comes later names the row by its sample id.
 
 Rows without a tick take the tick after the previous file's last one (0 for the
 first file), so a folder of one file per tick needs no tick column.
@@ -128,7 +132,11 @@ class FolderSource:
         top, ticks, rows = -1, -1, 0
         for tick, x, y in self.batches():
             x = _flat(np.asarray(x, dtype=np.float64))
-            labels = np.asarray(y)
+            labels = (
+                np.asarray(y, dtype=np.float64)
+                if isinstance(y, np.ndarray)
+                else np.asarray([np.nan if v is None else v for v in y], dtype=np.float64)
+            )
             if not len(labels):
                 continue
             if width is None:
@@ -136,7 +144,8 @@ class FolderSource:
             elif x.shape[1] != width:
                 raise IngestError(f"ingest: {self.path}: rows of {x.shape[1]} features after rows of {width}")
             # A negative label is a bad row (dropped and counted when fed), not a class.
-            top = max(top, int(labels.max()))
+            if not np.isnan(labels).all():
+                top = max(top, int(np.nanmax(labels)))
             ticks, rows = max(ticks, tick), rows + len(labels)
         if width is None:
             raise IngestError(f"ingest: {self.path} holds no rows")
@@ -230,9 +239,9 @@ def _read_npz(path: Path, next_tick: int) -> Iterator[Batch]:
         if isinstance(exc, IngestError):
             raise
         raise IngestError(f"ingest: {path.name} cannot be read as .npz ({str(exc)[:120]})") from None
-    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iuf":
         raise IngestError(
-            f"ingest: {path.name}: x must be numeric and y integer labels, got {x.dtype} and {y.dtype}"
+            f"ingest: {path.name}: x must be numeric and y integer labels (NaN: none), got {x.dtype} and {y.dtype}"
         )
     if len(x) != len(y) or (tick is not None and len(tick) != len(y)):
         raise IngestError(f"ingest: {path.name}: x, y (and tick) have different lengths")
@@ -275,6 +284,8 @@ def _read_parquet(path: Path, next_tick: int) -> Iterator[Batch]:
         except (TypeError, ValueError):
             raise IngestError(f"ingest: {path.name}: every column but label and tick must be numeric") from None
         y = columns["label"]
-        if y.dtype.kind not in "iu":
-            raise IngestError(f"ingest: {path.name}: label must be integers, got {y.dtype}")
+        if y.dtype.kind == "O" and all(v is None or isinstance(v, int) for v in y):
+            y = np.asarray([np.nan if v is None else v for v in y], dtype=np.float64)
+        if y.dtype.kind not in "iuf":
+            raise IngestError(f"ingest: {path.name}: label must be integers (null: none), got {y.dtype}")
         yield from _split_ticks(path.name, x, y, columns.get("tick"), next_tick)

@@ -21,7 +21,6 @@ left untouched until the right key is given.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -45,8 +44,10 @@ from clients.crypto import (
     tighten,
 )
 from clients.store_format import (
+    NO_LABEL,
     SIDECAR_SUFFIXES,
     UnusableStoreError,
+    label_samples,
     open_records,
     open_store,
     pack_arrays,
@@ -56,6 +57,7 @@ from clients.store_format import (
     unpack_arrays,
     unpack_rows,
 )
+from clients.store_outbox import ReportOutbox
 
 logger = logging.getLogger("fedge.device")
 
@@ -63,7 +65,7 @@ logger = logging.getLogger("fedge.device")
 OUTBOX_CAPACITY = 10_000
 
 
-class DeviceStore:
+class DeviceStore(ReportOutbox):
     """Bounded sample window, key/value state and deployed model in one SQLite file.
 
     Parameters
@@ -185,7 +187,16 @@ class DeviceStore:
         """Width of a sample row, or ``None`` until the first append."""
         return self._n_features
 
-    def append(self, x: np.ndarray, y: np.ndarray, tick: int) -> None:
+    def append(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        tick: int,
+        *,
+        samples: np.ndarray | None = None,
+        predictions: np.ndarray | None = None,
+        predicted_by: int = 0,
+    ) -> None:
         """Add samples to the window in one transaction, dropping the oldest beyond capacity.
 
         Parameters
@@ -194,9 +205,17 @@ class DeviceStore:
             Feature rows, shape ``(n, n_features)`` (a 1-D array is one row); stored as
             ``float32``.
         y
-            Integer labels, shape ``(n,)``.
+            Integer labels, shape ``(n,)``; ``-1`` for a row without a label (yet).
         tick
             Time step the samples arrived at, recorded for every row.
+        samples, default=None
+            The rows' inbox sample ids (0: none), the ids a late label names
+            (:meth:`label`).
+        predictions, default=None
+            What the deployed model predicted for each row on arrival (sealed), so a
+            late label is scored with the model of the row's arrival.
+        predicted_by, default=0
+            That model's version (0: no model, no predictions kept).
 
         Raises
         ------
@@ -225,12 +244,17 @@ class DeviceStore:
         if rows.shape[0] == 0:
             return
 
-        plaintexts = pack_rows(rows[-self._capacity :], labels[-self._capacity :])
+        keep = slice(-self._capacity, None)
+        plaintexts = pack_rows(rows[keep], labels[keep])
+        n = len(plaintexts)
+        ids = [None] * n if samples is None else [int(i) or None for i in np.asarray(samples)[keep]]
+        kept_predictions = None if predictions is None else np.asarray(predictions, np.float64)[keep].tolist()
+        extra = (ids, (labels[keep] != NO_LABEL).astype(int).tolist(), kept_predictions, int(predicted_by))
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
             )
-            last, newest = seal_samples(conn, self._cipher, plaintexts, tick)
+            last, newest = seal_samples(conn, self._cipher, plaintexts, tick, extra)
             self._trim(conn)
         self._n_features = width
         if last < RECORDS_PER_KEY <= newest:
@@ -283,6 +307,25 @@ class DeviceStore:
         with self._lock:
             (count,) = self._connection().execute("SELECT COUNT(*) FROM samples").fetchone()
         return int(count)
+
+    def labelled_count(self) -> int:
+        """Samples in the window that have a label."""
+        with self._lock:
+            (count,) = self._connection().execute("SELECT COUNT(*) FROM samples WHERE labelled").fetchone()
+        return int(count)
+
+    def label(self, samples: Iterable[int], labels: Iterable[int]) -> list[tuple[str, int, float, int]]:
+        """Give stored samples their late labels, by inbox sample id, in one transaction.
+
+        Returns, per label, ``(status, tick, prediction, predicted_by)``: ``"ok"``,
+        ``"unknown"`` (not in the window: never stored, or dropped since) or
+        ``"labelled"`` (it has one); the sample's arrival tick, and the prediction the
+        model of version ``predicted_by`` made when it arrived (NaN, 0: none).
+        """
+        with self._transaction() as conn:
+            return label_samples(
+                conn, self._cipher, self._n_features or 0, [int(s) for s in samples], [int(v) for v in labels]
+            )
 
     def drop_before(self, tick: int) -> int:
         """Delete the samples that arrived before ``tick``.
@@ -447,83 +490,6 @@ class DeviceStore:
         if row is None:
             return None
         return int(row[0]), unpack_arrays(row[1])
-
-    # -- outbox: reports waiting for the server's acknowledgement -----------------------------
-    def put_report(self, tick: int, report: Mapping[str, int | bool]) -> int:
-        """Keep the report of ``tick`` until the server acknowledges it.
-
-        A report of the same tick replaces the earlier one. Beyond the outbox capacity
-        the oldest reports are dropped (a warning says how many).
-
-        Parameters
-        ----------
-        tick
-            Monitoring tick the report belongs to.
-        report
-            Its fields: scalars only (what :class:`fedge.contracts.protocol.DriftReport` holds).
-
-        Returns
-        -------
-        int
-            Reports dropped to stay within capacity (0 normally).
-        """
-        tick = _as_int(tick, "store.put_report: tick")
-        if any(not isinstance(v, bool | int | float) for v in report.values()):
-            raise TypeError("store.put_report: report values must be scalars")
-        text = json.dumps(dict(report), sort_keys=True)
-        with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO outbox (tick, report) VALUES (?, ?)", (tick, text))
-            row = conn.execute(
-                "SELECT tick FROM outbox ORDER BY tick DESC LIMIT 1 OFFSET ?",
-                (self._outbox_capacity,),
-            ).fetchone()
-            dropped = 0
-            if row is not None:
-                dropped = conn.execute("DELETE FROM outbox WHERE tick <= ?", (row[0],)).rowcount
-        if dropped:
-            logger.warning(
-                "device store %s: outbox full (%d reports); dropped the %d oldest",
-                self._path,
-                self._outbox_capacity,
-                dropped,
-            )
-        return int(dropped)
-
-    def pending_reports(self, limit: int | None = None) -> list[dict[str, int | bool]]:
-        """Reports not acknowledged yet, oldest tick first (at most ``limit``)."""
-        query = "SELECT report FROM outbox ORDER BY tick"
-        params: tuple[int, ...] = ()
-        if limit is not None:
-            query += " LIMIT ?"
-            params = (max(0, int(limit)),)
-        with self._lock:
-            rows = self._connection().execute(query, params).fetchall()
-        return [json.loads(row[0]) for row in rows]
-
-    def get_report(self, tick: int) -> dict[str, int | bool] | None:
-        """The waiting report of ``tick``, or ``None`` (never sent, or acknowledged)."""
-        with self._lock:
-            row = (
-                self._connection()
-                .execute("SELECT report FROM outbox WHERE tick = ?", (int(tick),))
-                .fetchone()
-            )
-        return None if row is None else dict(json.loads(row[0]))
-
-    def ack_reports(self, ticks: Iterable[int]) -> int:
-        """Drop the reports the server acknowledged; returns how many were waiting."""
-        wanted = [(int(t),) for t in ticks]
-        if not wanted:
-            return 0
-        with self._transaction() as conn:
-            cursor = conn.executemany("DELETE FROM outbox WHERE tick = ?", wanted)
-        return int(cursor.rowcount)
-
-    def outbox_size(self) -> int:
-        """Reports waiting for an acknowledgement."""
-        with self._lock:
-            (count,) = self._connection().execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
 
     def close(self) -> None:
         """Close the file; calling it again does nothing."""

@@ -35,8 +35,11 @@ logger = logging.getLogger("fedge.device")
 _FORMAT = "fedge.device_store"
 # Version 2 seals every sample row; a version-1 store (plaintext rows) is sealed in
 # place when it is opened, then vacuumed so no plaintext page stays in the file.
-_FORMAT_VERSION = "2"
-_READABLE_VERSIONS = ("1", _FORMAT_VERSION)
+# Version 3 keeps, per row, its inbox sample id, whether it has a label yet, and the
+# prediction the deployed model made when it arrived (sealed), so a late label is
+# scored with the model of the sample's arrival; version-2 rows are labelled rows.
+_FORMAT_VERSION = "3"
+_READABLE_VERSIONS = ("1", "2", _FORMAT_VERSION)
 SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 
 _SCHEMA = (
@@ -44,10 +47,16 @@ _SCHEMA = (
     (
         # record: AES-GCM of the row's float32 features and int64 label; id and tick
         # stay in the clear (trimming needs them) and are bound to the record.
+        # sample: the inbox's sample id (NULL: none); labelled: 0 until a label is known;
+        # prediction: AES-GCM of the arrival model's float64 prediction (version
+        # predicted_by, 0: no model then).
         "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY,"
-        " tick INTEGER NOT NULL, record BLOB NOT NULL)"
+        " tick INTEGER NOT NULL, record BLOB NOT NULL, sample INTEGER,"
+        " labelled INTEGER NOT NULL DEFAULT 1, predicted_by INTEGER NOT NULL DEFAULT 0,"
+        " prediction BLOB)"
     ),
     "CREATE INDEX IF NOT EXISTS samples_by_tick ON samples (tick)",
+    "CREATE INDEX IF NOT EXISTS samples_by_sample ON samples (sample)",
     "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     (
         "CREATE TABLE IF NOT EXISTS model (slot INTEGER PRIMARY KEY CHECK (slot = 0),"
@@ -59,6 +68,10 @@ _SCHEMA = (
 
 # Associated data of a sealed record: what it is and where it belongs.
 _SAMPLE_AD = b"fedge.sample\x00"
+_PREDICTION_AD = b"fedge.prediction\x00"
+#: The label of a row that has none yet (as :data:`clients.validation.UNLABELLED`).
+NO_LABEL = -1
+_PREDICTION = struct.Struct("<d")
 _KEY_CHECK_AD = b"fedge.key-check\x00"
 _ID_TICK = struct.Struct("<qq")
 _LABEL = struct.Struct("<q")
@@ -133,6 +146,10 @@ def _unlock(
     try:
         if found == "1":
             _seal_plaintext_rows(conn, cipher)
+        elif found == "2":
+            for column in ("sample INTEGER", "labelled INTEGER NOT NULL DEFAULT 1",
+                           "predicted_by INTEGER NOT NULL DEFAULT 0", "prediction BLOB"):
+                conn.execute(f"ALTER TABLE samples ADD COLUMN {column}")
         for statement in _SCHEMA:
             conn.execute(statement)
         set_meta(conn, "format", _FORMAT)
@@ -263,11 +280,17 @@ def sample_ad(record_id: int, tick: int) -> bytes:
 
 
 def seal_samples(
-    conn: sqlite3.Connection, cipher: RecordCipher, plaintexts: list[bytes], tick: int
+    conn: sqlite3.Connection,
+    cipher: RecordCipher,
+    plaintexts: list[bytes],
+    tick: int,
+    extra: tuple[list[int | None], list[int], list[float] | None, int] | None = None,
 ) -> tuple[int, int]:
     """Seal and insert packed sample rows of ``tick``; returns the ids before and at the end.
 
-    The caller holds the write transaction.
+    ``extra`` is, per row, the inbox sample id and whether it is labelled, the
+    arrival model's predictions (or None) and that model's version. The caller holds
+    the write transaction.
     """
     # Ids are given here, not by SQLite, because each record is sealed to its id;
     # they only grow, so a deleted record put back later does not fit any row.
@@ -275,12 +298,63 @@ def seal_samples(
     last = max(int(read_meta(conn, "last_sample_id") or 0), int(top or 0))
     ids = range(last + 1, last + 1 + len(plaintexts))
     sealed = cipher.seal_many(plaintexts, [sample_ad(i, tick) for i in ids])
+    n = len(sealed)
+    samples, labelled, predictions, version = extra or ([None] * n, [1] * n, None, 0)
+    predicted: list[bytes | None] = [None] * n
+    if predictions is not None and version > 0:
+        predicted = list(cipher.seal_many(
+            [_PREDICTION.pack(float(v)) for v in predictions],
+            [_PREDICTION_AD + _ID_TICK.pack(i, tick) for i in ids],
+        ))
+    else:
+        version = 0
     conn.executemany(
-        "INSERT INTO samples (id, tick, record) VALUES (?, ?, ?)",
-        zip(ids, [tick] * len(sealed), sealed, strict=True),
+        "INSERT INTO samples (id, tick, record, sample, labelled, predicted_by, prediction)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        zip(ids, [tick] * n, sealed, samples, labelled, [version] * n, predicted, strict=True),
     )
     set_meta(conn, "last_sample_id", str(ids[-1]))
     return last, ids[-1]
+
+
+def label_samples(
+    conn: sqlite3.Connection, cipher: RecordCipher, width: int, sample_ids: list[int], labels: list[int]
+) -> list[tuple[str, int, float, int]]:
+    """Give stored rows their late labels (the caller holds the write transaction).
+
+    Returns, per label in order, ``(status, tick, prediction, predicted_by)``: status
+    ``"ok"``, ``"unknown"`` (no such row in the window: never stored, or pruned) or
+    ``"labelled"`` (the row has a label already); the arrival model's prediction
+    (NaN without one) and its version (0: none).
+    """
+    out: list[tuple[str, int, float, int]] = []
+    for sample, label in zip(sample_ids, labels, strict=True):
+        row = conn.execute(
+            "SELECT id, tick, record, labelled, predicted_by, prediction FROM samples"
+            " WHERE sample = ? ORDER BY id DESC LIMIT 1",
+            (int(sample),),
+        ).fetchone()
+        if row is None:
+            out.append(("unknown", -1, float("nan"), 0))
+            continue
+        record_id, tick, record, labelled, version, sealed_prediction = row
+        if labelled:
+            out.append(("labelled", int(tick), float("nan"), 0))
+            continue
+        plain = bytearray(open_records(cipher, [(record_id, tick, record)], width))
+        plain[4 * width :] = _LABEL.pack(int(label))
+        resealed = cipher.seal(bytes(plain), sample_ad(record_id, tick))
+        conn.execute("UPDATE samples SET record = ?, labelled = 1 WHERE id = ?", (resealed, record_id))
+        prediction = float("nan")
+        if version and sealed_prediction is not None:
+            try:
+                opened = cipher.open(bytes(sealed_prediction), _PREDICTION_AD + _ID_TICK.pack(record_id, tick))
+                (prediction,) = _PREDICTION.unpack(opened)
+            except (RecordAuthenticationError, struct.error):
+                logger.warning("device store: the arrival prediction of row %d failed authentication", record_id)
+                version = 0
+        out.append(("ok", int(tick), prediction, int(version)))
+    return out
 
 
 def pack_rows(rows: np.ndarray, labels: np.ndarray) -> list[bytes]:

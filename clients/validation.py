@@ -8,13 +8,19 @@ handing over a different number of rows and labels, is an error.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 REJECT_REASONS: tuple[str, ...] = ("wrong_width", "non_finite", "unknown_label")
 """Why a row can be rejected, in the order the checks run; a row counts under the first."""
+UNLABELLED = -1
+"""The label a row without one is kept with (in :class:`ValidatedRows`, the inbox and the store).
+
+A row comes without a label when its label is ``None`` or NaN: it is valid, never
+rejected, and waits for a late label (or none) in the device's window.
+"""
 
 _NUMERIC_KINDS = frozenset("biuf")
 _LABEL_KINDS = frozenset("iuf")
@@ -30,7 +36,8 @@ class ValidatedRows:
         Feature matrix of the accepted rows, ``float32`` with shape ``(m, n_features)``,
         in the order the rows arrived.
     y
-        Labels of the accepted rows, ``int64`` with shape ``(m,)``.
+        Labels of the accepted rows, ``int64`` with shape ``(m,)``; :data:`UNLABELLED`
+        for a row that came without one.
     rejected
         Rejected row counts with the keys ``"non_finite"``, ``"wrong_width"``,
         ``"unknown_label"`` and ``"total"`` (the sum of the other three).
@@ -39,11 +46,18 @@ class ValidatedRows:
     x: np.ndarray
     y: np.ndarray
     rejected: dict[str, int]
+    #: Position of each accepted row in the input (a row's sample id is counted from it).
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_accepted(self) -> int:
         """Number of rows that passed."""
         return int(self.y.shape[0])
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Mask of the accepted rows that carry a label."""
+        return self.y != UNLABELLED
 
 
 def validate_rows(
@@ -65,7 +79,8 @@ def validate_rows(
         One label per row. Labels that are not integers (integral floats such as ``2.0``
         are accepted; booleans are not labels) or lie outside ``0 .. n_classes - 1`` are
         ``"unknown_label"``. A NumPy column of labels, shape ``(n, 1)``, is read as
-        ``(n,)``; a row's label given as a list (``[1]``) is unknown.
+        ``(n,)``; a row's label given as a list (``[1]``) is unknown. ``None`` or NaN is
+        no label: the row is kept with :data:`UNLABELLED`.
     n_features
         Expected row width, at least 1.
     n_classes
@@ -124,6 +139,7 @@ def validate_rows(
         x=np.ascontiguousarray(features[keep]),
         y=np.ascontiguousarray(labels[keep]),
         rejected=rejected,
+        index=np.flatnonzero(keep).astype(np.int64),
     )
 
 
@@ -211,7 +227,7 @@ def _numbers_only(row: Any) -> np.ndarray | None:
 
 
 def _check_labels(y: Any, n_rows: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return int64 labels (0 where unusable) and the unknown-label mask."""
+    """Return int64 labels (0 where unusable, UNLABELLED where absent) and the unknown-label mask."""
     try:
         arr = np.asarray(y)
     except (TypeError, ValueError, OverflowError):
@@ -221,18 +237,26 @@ def _check_labels(y: Any, n_rows: int, n_classes: int) -> tuple[np.ndarray, np.n
         arr = arr[:, 0]
     # Booleans are not class labels ("true" is not class 1), so only ints and floats.
     if arr is not None and arr.ndim == 1 and arr.dtype.kind in _LABEL_KINDS:
+        absent = np.zeros(n_rows, dtype=bool)
         if arr.dtype.kind == "f":
+            absent = np.isnan(arr)
             with np.errstate(invalid="ignore"):
                 integral = np.isfinite(arr) & (np.floor(arr) == arr)
         else:
             integral = np.ones(n_rows, dtype=bool)
-        in_range = integral & (arr >= 0) & (arr < n_classes)
+        with np.errstate(invalid="ignore"):
+            in_range = integral & (arr >= 0) & (arr < n_classes)
         labels = np.where(in_range, arr, 0).astype(np.int64)
-        return labels, ~in_range
+        labels[absent] = UNLABELLED
+        return labels, ~(in_range | absent)
 
     labels = np.zeros(n_rows, dtype=np.int64)
     unknown = np.ones(n_rows, dtype=bool)
     for i, value in enumerate(y):
+        if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+            labels[i] = UNLABELLED
+            unknown[i] = False
+            continue
         label = _as_label(value)
         if label is not None and 0 <= label < n_classes:
             labels[i] = label

@@ -108,10 +108,12 @@ def test_a_device_with_nothing_held_out_is_left_out_of_the_averages_not_made_nan
     cfg = load_config(None, overrides)
     folder = tmp_path / "run"
     feed_devices(cfg, folder)
-    # Device 2's application has delivered nothing yet: an empty inbox of the same schema.
+    # Device 2's application has delivered three rows: it can train, but holds nothing out
+    # (a device with no labelled row at all is left out earlier, by campaign.min_labels).
     empty = inbox_path(folder / "devices" / "device-2.sqlite")
     empty.unlink()
-    Inbox(empty, n_features=2, n_classes=2).close()
+    with Inbox(empty, n_features=2, n_classes=2) as few:
+        few.append(0, [[0.1, 0.2], [0.7, 0.3], [0.4, 0.9]], [0, 1, 0])
     run_config = {"scenario": "", "overrides": ";".join(overrides), "run-dir": str(folder)}
     grid = InProcessGrid(client_app, cfg.scenario.clients, run_config)
     try:

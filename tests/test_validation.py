@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clients.validation import ValidatedRows, validate_rows
+from clients.validation import UNLABELLED, ValidatedRows, validate_rows
 
 REASONS = ("non_finite", "wrong_width", "unknown_label")
 
@@ -43,23 +43,24 @@ def test_array_rows_with_nan_inf_or_float32_overflow_are_non_finite() -> None:
     np.testing.assert_array_equal(rows.y, [0, 0])
 
 
-def test_labels_outside_range_or_not_integers_are_unknown() -> None:
+def test_labels_outside_range_or_not_integers_are_unknown_and_nan_is_no_label() -> None:
     x = np.ones((7, 2))
     y = np.array([0, 2, 3, -1, 1.5, np.nan, 1.0])
 
     rows = validate_rows(x, y, n_features=2, n_classes=3)
 
-    assert _counts(rows) == (0, 0, 4, 4)
-    np.testing.assert_array_equal(rows.y, [0, 2, 1])
+    assert _counts(rows) == (0, 0, 3, 3)
+    np.testing.assert_array_equal(rows.y, [0, 2, UNLABELLED, 1])
+    np.testing.assert_array_equal(rows.index, [0, 1, 5, 6])
     assert rows.y.dtype == np.int64
 
 
-def test_label_objects_that_are_not_numbers_are_unknown() -> None:
+def test_label_objects_that_are_not_numbers_are_unknown_and_none_is_no_label() -> None:
     rows = validate_rows([[1.0], [2.0], [3.0], [4.0]], [1, "1", None, np.int32(0)], 1, 2)
 
-    assert _counts(rows) == (0, 0, 2, 2)
-    np.testing.assert_array_equal(rows.x[:, 0], [1.0, 4.0])
-    np.testing.assert_array_equal(rows.y, [1, 0])
+    assert _counts(rows) == (0, 0, 1, 1)
+    np.testing.assert_array_equal(rows.x[:, 0], [1.0, 3.0, 4.0])
+    np.testing.assert_array_equal(rows.y, [1, UNLABELLED, 0])
 
 
 def test_array_of_the_wrong_width_rejects_every_row() -> None:

@@ -230,6 +230,11 @@ class CampaignConfig:
     ``min_devices`` is how many of a campaign's devices must reply for a round
     to count; devices that do not answer within ``run.reply_timeout`` are left
     out of that round.
+
+    ``min_labels``: training uses labelled samples only, and a device holding
+    fewer labelled samples than this is left out of the campaign (the campaign
+    record's ``too_few_labels`` names it; the device refuses a train message
+    itself too). The gate evaluates on the labelled holdout only.
     """
 
     strategy: str = field(
@@ -255,6 +260,7 @@ class CampaignConfig:
     warm_start: bool = False
     compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))
     min_devices: int = field(default=1, metadata=_between(1, MAX_CLIENTS))
+    min_labels: int = field(default=1, metadata=_between(1, 10**9))
 
 
 @dataclass(frozen=True)

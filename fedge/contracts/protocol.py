@@ -175,6 +175,27 @@ class DriftReport:
         Mean max-probability of the deployed model on this tick's rows (0: none).
     estimated_accuracy : float, default -1.0
         Accuracy estimated from confidence, calibrated at install (-1: none).
+    n_labelled : int, default -1
+        Of ``n_samples``, rows that came with a label (-1: a device that predates
+        unlabelled rows, where every row is labelled).
+    n_scored : int, default -1
+        Labels scored this tick against the model's predictions (the tick's own
+        labelled rows and late labels of the current model's stream); ``n_errors``
+        counts the wrong ones (-1: as ``n_samples``).
+    late_labels : int, default 0
+        Labels of earlier samples that arrived this tick, each scored with the
+        prediction of the model deployed when its sample arrived.
+    late_errors : int, default 0
+        Of those, the ones that model got wrong.
+    label_delay : float, default 0.0
+        Mean ticks between a late label's sample and its arrival (0: none arrived).
+    labels_outstanding : int, default 0
+        Samples in the window still waiting for a label.
+    labels_rejected : int, default 0
+        Late labels refused this tick (sample unknown, dropped from the window, or
+        labelled already); each is also logged on the device.
+    window_labelled : int, default -1
+        Labelled samples in the window (what a campaign could train on; -1: unknown).
 
     ``drift`` stays the label-based detector's flag; :attr:`signals` names every
     signal that fired.
@@ -204,6 +225,14 @@ class DriftReport:
     drift_prediction: bool = False
     confidence: float = 0.0
     estimated_accuracy: float = -1.0
+    n_labelled: int = -1
+    n_scored: int = -1
+    late_labels: int = 0
+    late_errors: int = 0
+    label_delay: float = 0.0
+    labels_outstanding: int = 0
+    labels_rejected: int = 0
+    window_labelled: int = -1
 
     @property
     def signals(self) -> tuple[str, ...]:
@@ -222,11 +251,16 @@ class DriftReport:
         return self.rejected_non_finite + self.rejected_wrong_width + self.rejected_unknown_label
 
     @property
+    def scored(self) -> int:
+        """Labels the tick's accuracy rests on (``n_samples`` for a device that predates labels)."""
+        return self.n_samples if self.n_scored < 0 else self.n_scored
+
+    @property
     def accuracy(self) -> float | None:
-        """Prequential accuracy this tick, None when no model was deployed."""
-        if self.model_version == 0 or self.n_samples == 0:
+        """Prequential accuracy over this tick's scored labels; None without a model or labels."""
+        if self.model_version == 0 or self.scored == 0:
             return None
-        return 1.0 - self.n_errors / self.n_samples
+        return 1.0 - self.n_errors / self.scored
 
     def to_dict(self) -> dict[str, Any]:
         """Plain scalars, ready for a Flower ``ConfigRecord``."""

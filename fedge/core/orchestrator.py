@@ -503,6 +503,8 @@ class Orchestrator:
             rounds=len(outcome.rounds),
             cluster=key,
             signals=tuple(decision.signals),
+            too_few_labels=tuple(outcome.too_few_labels),
+            gate_labels=outcome.gate_labels,
         )
         self.record.campaigns.append(record)
         self.tracker.log_event("campaign", tick, asdict(record))

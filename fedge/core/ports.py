@@ -57,6 +57,10 @@ class CampaignOutcome:
     tags: Mapping[str, str] = field(default_factory=dict)
     #: Extra run metrics logged at the campaign's tick (e.g. epsilon spent).
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: Devices left out for holding fewer than ``campaign.min_labels`` labelled samples.
+    too_few_labels: tuple[int, ...] = ()
+    #: Labelled holdout samples the last evaluation rested on (-1: not known).
+    gate_labels: int = -1
 
     @property
     def candidate_acc(self) -> float:

@@ -27,6 +27,10 @@ class CampaignRecord:
     #: The evidence the trigger rested on: drift signals (``label``, ``input``,
     #: ``prediction``) and ``accuracy-floor``; empty for the initial or a periodic one.
     signals: tuple[str, ...] = ()
+    #: Devices left out because they held fewer than ``campaign.min_labels`` labelled samples.
+    too_few_labels: tuple[int, ...] = ()
+    #: Labelled holdout samples the gate's last evaluation rested on (-1: not known).
+    gate_labels: int = -1
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,9 @@ class RunRecord:
 
 
 def tick_accuracy(reports: Sequence[DriftReport]) -> float | None:
-    """Sample-weighted prequential accuracy over the devices that had a model."""
+    """Prequential accuracy over the scored labels of the devices that had a model."""
     scored = [r for r in reports if r.accuracy is not None]
-    n = sum(r.n_samples for r in scored)
+    n = sum(r.scored for r in scored)
     if n == 0:
         return None
     return 1.0 - sum(r.n_errors for r in scored) / n

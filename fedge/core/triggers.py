@@ -81,14 +81,15 @@ def group_accuracy(reports: Sequence[DriftReport], source: str = "either") -> fl
     """
     total = weight = 0.0
     for r in reports:
-        value = None
+        # A measured accuracy weighs by the labels it rests on, an estimate by the rows.
+        value, n = None, r.scored
         if source in ("measured", "either"):
             value = r.accuracy
         if value is None and source in ("estimated", "either"):
-            value = r.estimate
-        if value is not None and r.n_samples:
-            total += value * r.n_samples
-            weight += r.n_samples
+            value, n = r.estimate, r.n_samples
+        if value is not None and n:
+            total += value * n
+            weight += n
     return total / weight if weight else None
 
 

@@ -88,6 +88,8 @@ class ReplyQuorum(GridView):
         self.shorts: list[ShortRound] = []
         #: Per tick, the nodes that had nothing to evaluate (left out of the averages).
         self.unevaluated: dict[int, set[int]] = {}
+        #: Per tick, the labelled holdout samples its latest evaluate exchange rested on.
+        self.evaluated: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return f"ReplyQuorum(min_devices={self.min_devices}, timeout={self.timeout})"
@@ -98,6 +100,8 @@ class ReplyQuorum(GridView):
         }
         if empty:
             self.unevaluated.setdefault(_config_int(request, p.TICK), set()).update(empty)
+        counts = [_examples(r) or 0 for r in replies if not r.has_error()]
+        self.evaluated[_config_int(request, p.TICK)] = sum(counts)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

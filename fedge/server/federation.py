@@ -138,6 +138,8 @@ class FlowerFederation:
         self.offered: dict[int, int] = {}
         #: Per device that refused a model: count, reason, the version offered and kept.
         self.refusals: dict[int, dict[str, Any]] = {}
+        #: Per device, the labelled samples its window held at its latest report (-1: unknown).
+        self.labelled: dict[int, int] = {}
         if not families:
             # One model: its lineage's account is replayed now, so a run that trains
             # nothing still reports what the lineage has spent.
@@ -295,6 +297,7 @@ class FlowerFederation:
             self.fleet.observe(tick, report, self._health(tick, node, reply))
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
+            self.labelled[report.device] = report.window_labelled
             self._note_refusal(tick, node, report)
             self.errors.pop(f"device {report.device}", None)
             # What its previous reply carried may come again (the acknowledgement was lost,
@@ -426,11 +429,21 @@ class FlowerFederation:
         first_round: int,
         lineage: str = CHAMPION_ALIAS,
     ) -> CampaignOutcome:
-        """The configured strategy's ``rounds`` rounds over ``devices``, from ``start``."""
-        nodes = [self.node_of[d] for d in devices if d in self.node_of]
+        """The configured strategy's ``rounds`` rounds over ``devices``, from ``start``.
+
+        Devices whose latest report holds fewer labelled samples than
+        ``campaign.min_labels`` are left out (and named in the outcome).
+        """
+        need = self.cfg.campaign.min_labels
+        scarce = tuple(d for d in devices if 0 <= self.labelled.get(d, -1) < need)
+        if scarce:
+            log.info("tick %d: device(s) %s hold fewer than campaign.min_labels=%d labelled samples; "
+                     "left out of the campaign", tick, ",".join(map(str, scarce)), need)
+        nodes = [self.node_of[d] for d in devices if d in self.node_of and d not in scarce]
         if len(nodes) < self.cfg.campaign.min_devices:
+            labels = f" ({len(scarce)} left out with fewer than {need} labels)" if scarce else ""
             raise CampaignRefused(
-                f"{len(nodes)} devices would take part; campaign.min_devices is "
+                f"{len(nodes)} devices would take part{labels}; campaign.min_devices is "
                 f"{self.cfg.campaign.min_devices}"
             )
         privacy = self.privacy_for(lineage)
@@ -471,6 +484,10 @@ class FlowerFederation:
         )
         absent = set(nodes).intersection(*(missing.get(r, set()) for r in range(1, rounds + 1)))
         tags = dict(evidence.tags)
+        if scarce:
+            tags["fedge.too_few_labels"] = ",".join(map(str, scarce))
+        gate_labels = getattr(self.grid, "evaluated", {}).get(tick, -1)
+        tags["fedge.gate_labels"] = str(gate_labels)
         empty = sorted(set(nodes) & set(getattr(self.grid, "unevaluated", {}).get(tick, set())))
         if empty:
             device_of = {node: device for device, node in self.node_of.items()}
@@ -487,6 +504,8 @@ class FlowerFederation:
             len(nodes) - len(absent),
             tags,
             evidence.metrics,
+            too_few_labels=scarce,
+            gate_labels=gate_labels,
         )
 
     def _start(

@@ -1,0 +1,342 @@
+"""Late labels in the ingest inbox: a label for a sample that was ingested earlier.
+
+Every row an inbox stores has a sample id (its :class:`clients.inbox.Receipt` says
+which: ``first_row .. first_row + rows - 1`` in input order). When the label of such a
+row becomes known later (an operator's verdict, a delayed sensor, a returned parcel),
+the device application appends ``(sample id, label)`` pairs with
+:meth:`clients.inbox.Inbox.append_labels` or ``fedge-ingest INBOX --labels FILE``. The
+device takes them at the tick they arrived for, scores each sample with the prediction
+its model made when the sample arrived, and feeds the label-based detector in arrival
+order.
+
+A label batch is one sealed record (AES-256-GCM under the inbox's key, bound to its row,
+tick and count): ids and labels together, so a stolen inbox holds neither in the clear.
+
+Label files
+-----------
+CSV with a header holding ``id`` and ``label`` columns (others are ignored), or JSON
+lines ``{"id": 17, "y": 1}``. An id is a positive integer the inbox has issued; a label
+is one of the inbox's classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from clients.crypto import RecordAuthenticationError, RecordCipher
+from clients.inbox_batches import IngestError, OnInvalid, _short
+
+LABELS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS labels ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " tick INTEGER NOT NULL,"
+    " n INTEGER NOT NULL,"
+    " record BLOB NOT NULL,"
+    " source TEXT NOT NULL,"
+    " received REAL NOT NULL)"
+)
+_INT64_MAX = 2**63 - 1
+log = logging.getLogger("fedge.device")
+
+
+@dataclass(frozen=True)
+class LabelReceipt:
+    """What :meth:`clients.inbox.Inbox.append_labels` stored.
+
+    Parameters
+    ----------
+    batch_id : int
+        Id of the stored label batch (0: nothing was stored).
+    tick : int
+        The tick the labels arrived at (the device takes them when it monitors it).
+    accepted : int
+        Labels stored.
+    dropped : int
+        Labels dropped as malformed (only with ``on_invalid="drop"``).
+    """
+
+    batch_id: int
+    tick: int
+    accepted: int
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class LateLabels:
+    """Labels a device took from its inbox, in arrival order.
+
+    Parameters
+    ----------
+    last_id : int
+        Id of the newest label batch included (the reader's next cursor); 0 if none.
+    ticks, ids, labels : numpy.ndarray
+        Per label: the tick it arrived at, its sample id and the label (``int64``).
+    unauthenticated : int
+        Labels of batches that failed authentication (changed on disk): skipped.
+    """
+
+    last_id: int
+    ticks: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    unauthenticated: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """Whether no label batch was taken."""
+        return self.last_id == 0
+
+
+def check_labels(
+    ids: Sequence[Any] | np.ndarray,
+    labels: Sequence[Any] | np.ndarray,
+    n_classes: int,
+    last_row: int,
+    on_invalid: OnInvalid,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The well-formed ``(id, label)`` pairs; a bad one raises (``"raise"``) or is dropped.
+
+    An id must be one the inbox has issued (``1 .. last_row``) and a label one of the
+    classes; whether the sample is still in the device's window is the device's to say.
+    """
+    if on_invalid not in ("raise", "drop"):
+        raise IngestError(f"ingest: on_invalid={on_invalid!r} is not allowed; allowed: raise, drop")
+    try:
+        pairs = list(zip(ids, labels, strict=True))
+    except (TypeError, ValueError):
+        raise IngestError("ingest: late labels need one sample id per label") from None
+    good_ids: list[int] = []
+    good_labels: list[int] = []
+    for i, (sample, label) in enumerate(pairs):
+        problem = None
+        if not _is_int(sample) or not 1 <= int(sample) <= last_row:
+            problem = f"sample id {_short(sample)} was never issued by this inbox (ids are 1..{last_row})"
+        elif not _is_int(label) or not 0 <= int(label) < n_classes:
+            problem = f"label {_short(label)} is not one of the classes 0..{n_classes - 1}"
+        if problem is None:
+            good_ids.append(int(sample))
+            good_labels.append(int(label))
+        elif on_invalid == "raise":
+            raise IngestError(f"ingest: late label {i}: {problem}; nothing from this call was stored")
+    return (
+        np.asarray(good_ids, dtype=np.int64),
+        np.asarray(good_labels, dtype=np.int64),
+        len(pairs) - len(good_ids),
+    )
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | np.integer):
+        return abs(int(value)) <= _INT64_MAX
+    return isinstance(value, float) and value.is_integer() and abs(value) <= 2**53
+
+
+def _aad(batch_id: int, tick: int, n: int) -> bytes:
+    return b"fedge-inbox-labels|%d|%d|%d" % (batch_id, tick, n)
+
+
+def store_labels(
+    conn: sqlite3.Connection,
+    cipher: RecordCipher,
+    tick: int,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    source: str,
+    now: float,
+) -> int:
+    """Seal and insert one label batch (the caller holds the write transaction); its id."""
+    (top,) = conn.execute(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'labels'), 0),"
+        " COALESCE((SELECT MAX(id) FROM labels), 0))"
+    ).fetchone()
+    batch_id = int(top) + 1
+    n = len(ids)
+    plain = np.ascontiguousarray(ids, dtype="<i8").tobytes() + np.ascontiguousarray(labels, dtype="<i8").tobytes()
+    conn.execute(
+        "INSERT INTO labels (id, tick, n, record, source, received) VALUES (?, ?, ?, ?, ?, ?)",
+        (batch_id, tick, n, cipher.seal(plain, _aad(batch_id, tick, n)), source, now),
+    )
+    return batch_id
+
+
+def take_labels(
+    conn: sqlite3.Connection, cipher: RecordCipher, after: int, through_tick: int | None
+) -> tuple[LateLabels, list[tuple[int, int, str]]]:
+    """Label batches newer than ``after`` up to ``through_tick``; and those that did not open."""
+    query = "SELECT id, tick, n, record FROM labels WHERE id > ?"
+    params: list[int] = [int(after)]
+    if through_tick is not None:
+        query += " AND tick <= ?"
+        params.append(int(through_tick))
+    ticks: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    failed: list[tuple[int, int, str]] = []
+    last = 0
+    for batch_id, tick, n, record in conn.execute(query + " ORDER BY id", params).fetchall():
+        last = int(batch_id)
+        try:
+            plain = cipher.open(bytes(record), _aad(batch_id, tick, n))
+            if len(plain) != 16 * n:
+                raise RecordAuthenticationError("the label batch does not hold its count")
+        except RecordAuthenticationError as exc:
+            failed.append((int(batch_id), int(n), str(exc)))
+            continue
+        both = np.frombuffer(plain, dtype="<i8").astype(np.int64)
+        ticks.append(np.full(n, int(tick), dtype=np.int64))
+        ids.append(both[:n])
+        labels.append(both[n:])
+    empty = np.zeros(0, dtype=np.int64)
+    joined = [np.concatenate(a) if a else empty.copy() for a in (ticks, ids, labels)]
+    return LateLabels(last, *joined, sum(f[1] for f in failed)), failed
+
+
+def read_label_file(
+    stream: IO[str] | IO[bytes], fmt: Literal["csv", "jsonl"], name: str = "<input>"
+) -> tuple[list[int], list[int]]:
+    """Sample ids and labels of a label file; anything unreadable is one line naming the line.
+
+    Range checks (ids the inbox issued, known classes) are :func:`check_labels`'s.
+    """
+    text: IO[str] = (
+        io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # type: ignore[arg-type, type-var]
+        if isinstance(stream.read(0), bytes)
+        else stream  # type: ignore[assignment]
+    )
+    ids: list[int] = []
+    labels: list[int] = []
+    try:
+        if fmt == "csv":
+            reader = csv.reader(text)
+            header = [h.strip() for h in next(reader, [])]
+            if "id" not in header or "label" not in header:
+                raise IngestError(f"ingest: {name}: a label file needs 'id' and 'label' columns")
+            at_id, at_label = header.index("id"), header.index("label")
+            for row in reader:
+                if not "".join(row).strip():
+                    continue
+                where = f"ingest: {name} line {reader.line_num}"
+                if len(row) != len(header):
+                    raise IngestError(f"{where}: {len(row)} fields, the header has {len(header)}")
+                ids.append(_whole(row[at_id], f"{where}, column 'id'"))
+                labels.append(_whole(row[at_label], f"{where}, column 'label'"))
+        else:
+            for lineno, line in enumerate(text, start=1):
+                if not line.strip():
+                    continue
+                where = f"ingest: {name} line {lineno}"
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    raise IngestError(f"{where}: not JSON") from None
+                if not isinstance(obj, dict) or "id" not in obj or "y" not in obj:
+                    raise IngestError(f"{where}: expected an object with 'id' and 'y'")
+                ids.append(_whole(obj["id"], f"{where}, field 'id'"))
+                labels.append(_whole(obj["y"], f"{where}, field 'y'"))
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"ingest: {name}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise IngestError(f"ingest: {name}: not readable as CSV ({exc})") from None
+    finally:
+        if text is not stream:
+            text.detach()  # type: ignore[attr-defined]  # leave the caller's stream open
+    return ids, labels
+
+
+def _whole(value: object, where: str) -> int:
+    """A decimal integer (text or JSON number) as an int, or a one-line refusal."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit() and text.isascii() and len(text) <= 19:
+            return int(text)
+    elif _is_int(value):
+        return int(value)  # type: ignore[call-overload]
+    raise IngestError(f"{where}: {_short(value)} is not an integer")
+
+
+class LabelQueue:
+    """The late-label half of :class:`clients.inbox.Inbox` (which supplies the connection)."""
+
+    path: Path
+    _cipher: RecordCipher
+    n_classes: int
+    last_tick: int
+
+    def _connection(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def append_labels(
+        self,
+        ids: np.ndarray | Sequence[Any],
+        labels: np.ndarray | Sequence[Any],
+        *,
+        tick: int | None = None,
+        on_invalid: OnInvalid = "raise",
+        source: str = "",
+    ) -> LabelReceipt:
+        """Store labels for samples ingested earlier, by sample id (all of them or none).
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Sample ids, as the receipts of :meth:`append` give them.
+        labels : array-like of int
+            One class label per id.
+        tick : int, optional
+            The tick the labels arrived at; the device takes them when it monitors
+            that tick (default: the latest tick the inbox holds).
+        on_invalid : {"raise", "drop"}, default "raise"
+            Refuse the call for an id the inbox never issued or an unknown class, or
+            drop and count those labels.
+        source : str, default ""
+            Free text kept with the labels.
+
+        Raises
+        ------
+        IngestError
+            A malformed label (with ``"raise"``), or a tick that is not a non-negative integer.
+        """
+        arrived = max(self.last_tick, 0) if tick is None else tick
+        if isinstance(arrived, bool) or not isinstance(arrived, int | np.integer) or not 0 <= arrived < 2**63:
+            raise IngestError(f"ingest: tick must be a non-negative integer (64-bit), got {arrived!r}")
+        try:
+            with self._write() as conn:
+                last_row = int(conn.execute("SELECT value FROM meta WHERE key = 'last_row'").fetchone()[0])
+                good_ids, good, dropped = check_labels(ids, labels, self.n_classes, last_row, on_invalid)
+                if not len(good_ids):
+                    return LabelReceipt(0, int(arrived), 0, dropped)
+                batch_id = store_labels(conn, self._cipher, int(arrived), good_ids, good, source, time.time())
+        except sqlite3.Error as exc:
+            raise IngestError(f"ingest: cannot write to {self.path} ({exc}); no label was stored") from exc
+        return LabelReceipt(batch_id, int(arrived), len(good_ids), dropped)
+
+    def take_labels(self, after: int = 0, through_tick: int | None = None) -> LateLabels:
+        """Late labels newer than label batch ``after`` that arrived up to ``through_tick``."""
+        labels, failed = take_labels(self._connection(), self._cipher, after, through_tick)
+        for batch_id, n, reason in failed:
+            log.warning("inbox %s: label batch %d (%d labels) failed authentication (%s); skipped",
+                        self.path, batch_id, n, reason)
+        return labels
+
+    def prune_labels(self, through_batch: int) -> int:
+        """Delete label batches up to and including ``through_batch`` (already taken)."""
+        with self._write() as conn:
+            return int(conn.execute("DELETE FROM labels WHERE id <= ?", (int(through_batch),)).rowcount)
+
