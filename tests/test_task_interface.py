@@ -212,6 +212,24 @@ def test_a_regression_task_runs_in_process_with_a_tolerance_accuracy(tmp_path: P
     assert values.dtype == torch.float32
 
 
+def test_a_regression_task_runs_on_flower_simulation_and_loads_back_as_its_class(tmp_path: Path) -> None:
+    import digits_value
+
+    from fedge.models import load_model
+
+    summary, _ = _run(
+        "digits_value", tmp_path, "simulation", drift="mirror",
+        more=("campaign.initial_rounds=10", "campaign.rounds=4", "campaign.lr=0.03"),
+    )
+    assert summary["engine"] == "simulation" and not summary["device_errors"], summary["device_errors"]
+    assert summary["ticks"][DRIFT_AT - 1]["accuracy"] > 0.6
+    net = load_model("fedge-task-test", tracking_uri=summary["tracking_uri"])
+    assert type(net) is digits_value.ValueNet
+    x, _ = _digits()
+    with torch.no_grad():
+        assert net(torch.as_tensor(x[:10])).shape == (10,), "one value per sample"
+
+
 @pytest.mark.parametrize(
     ("task", "says"),
     [
