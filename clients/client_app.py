@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.device import Device
+from clients.device_data import take_amendments
 from clients.egress import make_egress_mod
 from clients.health import device_health, note_opened
 from clients.secagg import privacy_mods, register_secagg_actions
@@ -141,6 +142,9 @@ def query(msg: Message, context: Context) -> Message:
     content = RecordDict({p.REPORT: ConfigRecord(report.to_dict())})
     for slot, late in enumerate(device.backlog(tick)):
         content[p.late_report(slot)] = ConfigRecord(late.to_dict())
+    amended = take_amendments(device)
+    if amended:
+        content[p.LATE_LABELS] = ConfigRecord(p.late_label_record(amended))
     content[p.HEALTH] = ConfigRecord(device_health(device, report, previous, started).to_dict())
     return Message(content, reply_to=msg)
 

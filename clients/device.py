@@ -340,6 +340,7 @@ class Device:
             ids = ingested.ids[rows.index] if ingested is not None and len(ingested.ids) else None
             self.store.append(rows.x, rows.y, tick, samples=ids, predictions=predicted, predicted_by=self.version)
             labels = device_data.apply_late_labels(self, late, tick)
+            device_data.note_amendments(self, labels)
             errors = np.concatenate([labels.stream_errors, own])
             drift, n_drifts = False, 0
             if len(errors):
@@ -356,7 +357,7 @@ class Device:
                 tick=tick,
                 model_version=self.version,
                 n_samples=len(rows.y),
-                n_errors=int(errors.sum()),
+                n_errors=int(own.sum()),  # late labels count at their own tick (amendments)
                 drift=drift,
                 n_drifts=n_drifts,
                 drifts_total=self.monitor.drifts_total,
@@ -365,7 +366,7 @@ class Device:
                 rejected_wrong_width=rejected["wrong_width"],
                 rejected_unknown_label=rejected["unknown_label"],
                 n_labelled=int(labelled.sum()),
-                n_scored=len(errors),
+                n_scored=len(own),
                 labels_outstanding=window - window_labelled,
                 window_labelled=window_labelled,
                 **labels.fields(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,6 +115,8 @@ class LabelTally:
     rejected: int = 0
     #: Errors of the late labels that feed the detector, in arrival order.
     stream_errors: np.ndarray | None = None
+    #: Scored late labels by the tick of their samples: tick -> [labels, errors].
+    by_tick: dict[int, list[int]] = field(default_factory=dict)
 
     def fields(self) -> dict[str, int | float]:
         return {
@@ -157,6 +159,9 @@ def apply_late_labels(device: Device, labels: LateLabels | None, tick: int) -> L
             continue  # no model when it arrived: a training label, nothing to score
         wrong = int(mistakes(device.task, np.asarray([predicted]), np.asarray([label]), tolerance)[0])
         tally.late_errors += wrong
+        own_tick = tally.by_tick.setdefault(int(sample_tick), [0, 0])
+        own_tick[0] += 1
+        own_tick[1] += wrong
         if version in stream:
             fed.append(wrong)
     tally.rejected = sum(refused.values())
@@ -166,3 +171,21 @@ def apply_late_labels(device: Device, labels: LateLabels | None, tick: int) -> L
         log.warning("device %d tick %d: refused %d late labels (%s)", device.device_id, tick,
                     tally.rejected, ", ".join(f"{k} {v}" for k, v in sorted(refused.items())))
     return tally
+
+
+def note_amendments(device: Device, tally: LabelTally) -> None:
+    """Keep the tick's late labels by sample tick until a reply carries them (see take_amendments)."""
+    pending = device.__dict__.setdefault("late_by_tick", {})
+    for tick, (labels, errors) in tally.by_tick.items():
+        have = pending.setdefault(tick, [0, 0])
+        have[0] += labels
+        have[1] += errors
+
+
+def take_amendments(device: Device) -> dict[int, list[int]]:
+    """The late labels by sample tick gathered since the last reply, and forget them.
+
+    They live in the device process's memory: a reply lost with its process loses
+    them (the arrival tick's report still counts them in ``late_labels``).
+    """
+    return device.__dict__.pop("late_by_tick", {})

@@ -12,6 +12,7 @@ from inprocess_helpers import run_captured
 from signing_helpers import deploy_signed, trusting
 
 from clients.device import Device, TooFewLabels
+from clients.device_data import take_amendments
 from clients.inbox import Inbox, IngestError, inbox_path, ingest
 from clients.ingest import iter_batches, main
 from clients.validation import UNLABELLED
@@ -93,8 +94,14 @@ def test_late_labels_are_scored_with_the_model_of_arrival_and_feed_the_detector(
     today = int((nets.predict(device._model, data[0][0]) != data[0][1]).sum())
     assert today >= 45, "the model deployed now gets tick 0's samples wrong"
     # Scored with v1, the model deployed when they arrived, three ticks late.
-    assert (late.late_labels, late.label_delay, late.n_scored) == (50, 3.0, 50)
-    assert late.late_errors <= 3 and late.accuracy is not None and late.accuracy >= 0.94
+    assert (late.late_labels, late.label_delay) == (50, 3.0)
+    assert late.late_errors <= 3
+    # They count at their own tick, not at the tick they arrived: tick 3's own rows
+    # have no label yet, so its accuracy rests on nothing; tick 0 gets 50 labels.
+    assert (late.n_scored, late.accuracy) == (0, None)
+    amended = take_amendments(device)
+    assert list(amended) == [0] and amended[0][0] == 50 and amended[0][1] == late.late_errors
+    assert take_amendments(device) == {}, "a reply carries them once"
     assert device.monitor.samples_seen == seen + 50
     assert late.labels_outstanding == 4 * 50 - 50 and late.window_labelled == 50
     # What a campaign trains and gates on is the labelled samples only.
@@ -187,9 +194,11 @@ def test_labels_stop_input_drift_still_starts_a_campaign_and_the_unlabelled_devi
         ingest(inbox_path(store), batches, n_features=2, n_classes=2)
     overrides = [
         f'run.output_dir="{tmp_path}"',
+        'data.source="inbox"',
+        "data.n_features=2",
+        "data.n_classes=2",
         f"scenario.clients={devices}",
         f"scenario.ticks={ticks}",
-        "scenario.bad_row_fraction=0.0",
         'monitor.input_test="ks"',
         "trigger.quorum=0.5",
         "trigger.cooldown=1",
@@ -215,3 +224,38 @@ def test_labels_stop_input_drift_still_starts_a_campaign_and_the_unlabelled_devi
     assert unlabelled and all(r.n_labelled == 0 and r.accuracy is None for r in unlabelled)
     scarce = [r for r in reports if r.device == 0 and r.tick >= 3]
     assert scarce and all(r.n_labelled == 10 and r.n_scored == 10 for r in scarce if r.model_version)
+
+
+def test_a_late_label_updates_the_prequential_accuracy_of_its_own_tick(tmp_path: Path) -> None:
+    """Rows of ticks 1.. come unlabelled; their labels arrive two ticks later and count at their tick."""
+    folder, devices, ticks, delay = tmp_path / "run", 3, 7, 2
+    for d in range(devices):
+        box = inbox_path(folder / "devices" / f"device-{d}.sqlite")
+        box.parent.mkdir(parents=True, exist_ok=True)
+        data = [_rows(d, t, 60) for t in range(ticks)]
+        # Tick 0 is labelled (the first model trains on it); later ticks wait for their labels.
+        receipts = ingest(box, [(t, x, y if t == 0 else [None] * len(y)) for t, (x, y) in enumerate(data)],
+                          n_features=2, n_classes=2)
+        with Inbox(box) as inbox:
+            for t in range(1, ticks - delay):
+                r = receipts[t]
+                inbox.append_labels(r.first_row + np.arange(r.rows), data[t][1], tick=t + delay)
+    overrides = [
+        f'run.output_dir="{tmp_path}"',
+        'data.source="inbox"',
+        "data.n_features=2",
+        "data.n_classes=2",
+        f"scenario.clients={devices}",
+        f"scenario.ticks={ticks}",
+        "trigger.policy=never",
+        "campaign.initial_rounds=6",
+        "campaign.lr=0.05",
+    ]
+    summary, _ = run_captured(overrides, folder)
+    by_tick = {t["tick"]: t for t in summary["ticks"]}
+    for t in range(1, ticks - delay):
+        # Every sample of the tick got its label late, scored against the model of its arrival.
+        assert by_tick[t]["late_labels"] == devices * 60 and by_tick[t]["n_scored"] == devices * 60, by_tick[t]
+        assert by_tick[t]["accuracy"] is not None and by_tick[t]["accuracy"] > 0.85, by_tick[t]
+    for t in range(ticks - delay, ticks):
+        assert by_tick[t]["accuracy"] is None, "labels that never came leave the tick unscored"

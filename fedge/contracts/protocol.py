@@ -39,6 +39,7 @@ train reply holds model weights and a loss, an evaluate reply holds accuracies.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -47,6 +48,13 @@ CONFIG = "config"
 REPORT = "report"
 #: Query reply record: the device's :class:`DeviceHealth` at this tick.
 HEALTH = "health"
+#: Late labels by the tick of their samples, so each folds into its own tick's accuracy.
+LATE_LABELS = "late-labels"
+#: Sample ticks one reply may amend; labels of more ticks count at their arrival only.
+MAX_AMENDED_TICKS = 16
+LATE_LABEL_FIELDS: tuple[str, ...] = tuple(
+    f"{key}_{slot}" for slot in range(MAX_AMENDED_TICKS) for key in ("tick", "labels", "errors")
+)
 METRICS = "metrics"
 
 NUM_EXAMPLES = "num-examples"
@@ -81,6 +89,31 @@ REPORTS_RECEIVED = "reports-received"
 
 #: Most outbox reports one ``query`` reply carries beside the current one.
 MAX_LATE_REPORTS = 16
+
+
+def late_label_record(by_tick: Mapping[int, Sequence[int]]) -> dict[str, int]:
+    """``{tick: (labels, errors)}`` as the scalars of a ``late-labels`` record (newest ticks kept)."""
+    out: dict[str, int] = {}
+    for slot, tick in enumerate(sorted(by_tick)[-MAX_AMENDED_TICKS:]):
+        labels, errors = by_tick[tick]
+        out.update({f"tick_{slot}": int(tick), f"labels_{slot}": int(labels), f"errors_{slot}": int(errors)})
+    return out
+
+
+def read_late_labels(record: Mapping[str, Any]) -> dict[int, tuple[int, int]]:
+    """The ``{tick: (labels, errors)}`` of a ``late-labels`` record; ill-formed slots raise ValueError."""
+    out: dict[int, tuple[int, int]] = {}
+    for slot in range(MAX_AMENDED_TICKS):
+        if f"tick_{slot}" not in record:
+            continue
+        values = [record.get(f"{key}_{slot}") for key in ("tick", "labels", "errors")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"late labels: slot {slot} is not three non-negative ints: {values!r}")
+        tick, labels, errors = values
+        if errors > labels:
+            raise ValueError(f"late labels: tick {tick} has {errors} errors in {labels} labels")
+        out[tick] = (labels, errors)  # type: ignore[assignment]
+    return out
 
 
 def late_report(slot: int) -> str:
@@ -457,6 +490,7 @@ EGRESS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "query": {
         REPORT: ("config", REPORT_FIELDS),
         HEALTH: ("config", HEALTH_FIELDS),
+        LATE_LABELS: ("config", LATE_LABEL_FIELDS),
         **{name: ("config", REPORT_FIELDS) for name in LATE_REPORTS},
     },
     "train": {ARRAYS: ("arrays", ()), METRICS: ("metrics", DEVICE_METRICS["train"])},

@@ -67,6 +67,7 @@ from fedge.core.records import (
     fired_signals,
     tick_accuracy,
     tick_estimated_accuracy,
+    with_late_labels,
 )
 from fedge.core.resume import RUN_KEY_TAG, restore, snapshot
 from fedge.core.rollout import (
@@ -269,8 +270,10 @@ class Orchestrator:
             late_reports=len(late),
             signals=fired_signals(reports),
             estimated_accuracy=tick_estimated_accuracy(reports),
+            n_scored=sum(r.scored for r in reports if r.accuracy is not None),
         )
         self.record.ticks.append(rec)
+        self._fold_late_labels()
         metrics = {
             "drift_fraction": rec.drift_fraction,
             "rejected_rows": float(rec.rejected),
@@ -556,6 +559,16 @@ class Orchestrator:
         if reason != self.last_refusal:
             log.warning("tick %d: no campaign: %s", tick, reason)
             self.last_refusal = reason
+
+    def _fold_late_labels(self) -> None:
+        """Late labels raise or lower the accuracy of the tick their samples arrived at."""
+        take = getattr(self.federation, "late_labels", None)
+        at = {rec.tick: i for i, rec in enumerate(self.record.ticks)}
+        for t, (labels, errors) in (take() if callable(take) else {}).items():
+            if t in at:
+                rec = self.record.ticks[at[t]] = with_late_labels(self.record.ticks[at[t]], labels, errors)
+                if rec.accuracy is not None:
+                    self.tracker.log_metrics({"prequential_accuracy_with_late_labels": rec.accuracy}, step=t)
 
     # -- late reports --------------------------------------------------------------------------
     def _late_reports(self) -> list[DriftReport]:

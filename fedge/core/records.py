@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from fedge.contracts.protocol import DRIFT_SIGNALS, DriftReport
@@ -52,6 +52,24 @@ class TickRecord:
     signals: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: Sample-weighted confidence-based accuracy estimate of the devices that made one.
     estimated_accuracy: float | None = None
+    #: Labels ``accuracy`` rests on, those that came late for this tick's samples included.
+    n_scored: int = 0
+    #: Of those, the labels that came at a later tick (see :func:`with_late_labels`).
+    late_labels: int = 0
+
+
+def with_late_labels(rec: TickRecord, labels: int, errors: int) -> TickRecord:
+    """``rec`` with late labels of its own samples folded into its prequential accuracy.
+
+    Each late label was scored on the device against the prediction the model deployed
+    when its sample arrived made, so the tick's accuracy becomes what it would have been
+    had the label come with its sample.
+    """
+    scored = rec.n_scored + labels
+    if labels <= 0 or scored <= 0:
+        return rec
+    right = (rec.accuracy or 0.0) * rec.n_scored + (labels - errors)
+    return replace(rec, accuracy=right / scored, n_scored=scored, late_labels=rec.late_labels + labels)
 
 
 @dataclass(frozen=True)

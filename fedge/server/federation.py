@@ -274,6 +274,7 @@ class FlowerFederation:
             if acked:
                 msg.content.config_records[p.CONFIG][p.REPORTS_RECEIVED] = list(acked)
         self.late = []
+        self.amended: dict[int, list[int]] = {}
         reports = []
         answered = set()
         wait = self.cfg.run.reply_timeout
@@ -293,6 +294,7 @@ class FlowerFederation:
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("tick %d: node %s sent an unreadable report: %s", tick, node, exc)
                 continue
+            self._note_late_labels(tick, node, reply)
             self.anchors.record_all([report, *late])
             self.fleet.observe(tick, report, self._health(tick, node, reply))
             self.node_of[report.device] = node
@@ -372,6 +374,22 @@ class FlowerFederation:
         if len(seen) > 4096:
             seen.discard(min(seen))
         return True
+
+    def _note_late_labels(self, tick: int, node: int, reply: Message) -> None:
+        if p.LATE_LABELS not in reply.content:
+            return
+        try:
+            found = p.read_late_labels(reply.content[p.LATE_LABELS])
+        except (ValueError, TypeError) as exc:
+            log.warning("tick %d: node %s sent unreadable late labels: %s", tick, node, exc)
+            return
+        for sample_tick, (labels, errors) in found.items():
+            have = self.amended.setdefault(sample_tick, [0, 0])
+            have[0], have[1] = have[0] + labels, have[1] + errors
+
+    def late_labels(self) -> dict[int, tuple[int, int]]:
+        """Late labels of the latest poll by the tick of their samples: ``{tick: (labels, errors)}``."""
+        return {t: (v[0], v[1]) for t, v in sorted(getattr(self, "amended", {}).items())}
 
     def late_reports(self) -> list[p.DriftReport]:
         """Reports of earlier ticks that arrived with the latest poll, by device and tick."""
