@@ -417,6 +417,22 @@ def fleet_cmd(
         _fail(str(exc))
 
 
+@app.command("dashboard")
+def dashboard_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, finished or still going.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless --allow-remote).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 takes a free one.")] = 0,
+    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback --host.")] = False,
+) -> None:
+    """The fleet as a local read-only web page: devices, versions, accuracy, rollout (docs/fleet.md)."""
+    from fedge.dashboard import DashboardError, serve
+
+    try:
+        serve(run_dir, host, port, allow_remote, ready=lambda line: console.print(line, highlight=False))
+    except DashboardError as exc:
+        _fail(str(exc))
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds summary.json).")],
