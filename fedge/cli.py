@@ -428,7 +428,8 @@ def dashboard_cmd(
     from fedge.dashboard import DashboardError, serve
 
     try:
-        serve(run_dir, host, port, allow_remote, ready=lambda line: console.print(line, highlight=False))
+        serve(run_dir, host, port, allow_remote,
+              ready=lambda line: console.print(line, highlight=False, soft_wrap=True))
     except DashboardError as exc:
         _fail(str(exc))
 
