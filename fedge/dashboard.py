@@ -389,7 +389,9 @@ function chart(id, series, data) {
     line.append(el("svg:title", {}, s.name)); svg.append(line);
     // A dot per point: a version seen at one tick only is a point, not a line.
     pts.forEach(p => svg.append(el("svg:circle", {cx: x(p[0]), cy: y(p[1]), r: 2.5, fill: s.color})));
-    svg.append(el("svg:text", {x: W - R + 6, y: T + 12 + 13 * i, fill: s.color, "font-size": 11}, s.name));
+    // Names for the first 16 only: a large fleet's legend would run off the chart.
+    if (i < 16) svg.append(el("svg:text", {x: W - R + 6, y: T + 12 + 13 * i, fill: s.color, "font-size": 11},
+                              i < 15 ? s.name : "..."));
   });
   document.getElementById(id).replaceChildren(svg);
 }
