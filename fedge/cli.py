@@ -417,6 +417,21 @@ def fleet_cmd(
         _fail(str(exc))
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds fleet.jsonl).")],
+    device: Annotated[str, typer.Argument(help="The device to ask, by number.")],
+    show: Annotated[bool, typer.Option(help="Print the device's latest answer instead.")] = False,
+) -> None:
+    """Ask one device for a diagnostic summary at its next poll (docs/fleet.md#diagnostics)."""
+    from fedge.server.diagnostics import DiagnosticsError, diagnose
+
+    try:
+        console.print(escape(diagnose(run_dir, device, show)), highlight=False, soft_wrap=True)
+    except DiagnosticsError as exc:
+        _fail(str(exc))
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds summary.json).")],
