@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.device import Device
 from clients.device_data import take_amendments
+from clients.diagnostics import device_diagnostics
 from clients.egress import make_egress_mod
 from clients.health import device_health, note_opened
 from clients.secagg import privacy_mods, register_secagg_actions
@@ -146,6 +147,9 @@ def query(msg: Message, context: Context) -> Message:
     if amended:
         content[p.LATE_LABELS] = ConfigRecord(p.late_label_record(amended))
     content[p.HEALTH] = ConfigRecord(device_health(device, report, previous, started).to_dict())
+    if config.get(p.DIAGNOSE, False) is True:
+        # An operator asked (``fedge diagnose``): counts and codes, checked by the egress policy.
+        content[p.DIAGNOSTICS] = ConfigRecord(device_diagnostics(device, tick).to_dict())
     return Message(content, reply_to=msg)
 
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 _LOCK = threading.Lock()
 #: Per device (its audit log path): handler failures and the code of the latest.
 _ERRORS: dict[Path, tuple[int, int]] = {}
+#: Per device (its audit log path): handler failures by error code (for diagnostics).
+_BY_CODE: dict[Path, dict[int, int]] = {}
 #: Per device (its store path): when this process opened it.
 _OPENED: dict[Path, float] = {}
 
@@ -36,7 +38,10 @@ def note_failure(key: Path, exc: BaseException) -> None:
     """Count a handler failure of the device whose audit log is ``key``."""
     with _LOCK:
         count, _ = _ERRORS.get(key, (0, 0))
-        _ERRORS[key] = (count + 1, error_code(exc))
+        code = error_code(exc)
+        _ERRORS[key] = (count + 1, code)
+        kinds = _BY_CODE.setdefault(key, {})
+        kinds[code] = kinds.get(code, 0) + 1
 
 
 def failures(key: Path) -> tuple[int, int]:
@@ -45,12 +50,25 @@ def failures(key: Path) -> tuple[int, int]:
         return _ERRORS.get(key, (0, 0))
 
 
+def failures_by_code(key: Path) -> dict[int, int]:
+    """Handler failures of the device whose audit log is ``key``, by error code."""
+    with _LOCK:
+        return dict(_BY_CODE.get(key, {}))
+
+
+def opened_at(store: Path, default: float) -> float:
+    """``time.monotonic()`` when this process opened the device of ``store`` (else ``default``)."""
+    with _LOCK:
+        return _OPENED.get(store, default)
+
+
 def note_opened(store: Path) -> None:
     """The device of ``store`` was (re)opened in this process: its uptime starts now."""
     with _LOCK:
         _OPENED[store] = time.monotonic()
         # A reopened device is a restarted one: its failures were its previous life's.
         _ERRORS.pop(store.with_suffix(".audit.jsonl"), None)
+        _BY_CODE.pop(store.with_suffix(".audit.jsonl"), None)
 
 
 def resident_bytes() -> int:

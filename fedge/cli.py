@@ -410,7 +410,6 @@ def fleet_cmd(
 ) -> None:
     """The devices of a run: status, version, last seen, accuracy, drift, errors (docs/fleet.md)."""
     from fedge.console_fleet import FleetError, show_fleet
-
     try:
         show_fleet(console, run_dir, device, status=status, sort=sort, watch=watch, interval=interval)
     except FleetError as exc:
@@ -426,11 +425,24 @@ def dashboard_cmd(
 ) -> None:
     """The fleet as a local read-only web page: devices, versions, accuracy, rollout (docs/fleet.md)."""
     from fedge.dashboard import DashboardError, serve
-
     try:
         serve(run_dir, host, port, allow_remote,
               ready=lambda line: console.print(line, highlight=False, soft_wrap=True))
     except DashboardError as exc:
+        _fail(str(exc))
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds fleet.jsonl).")],
+    device: Annotated[str, typer.Argument(help="The device to ask, by number.")],
+    show: Annotated[bool, typer.Option(help="Print the device's latest answer instead.")] = False,
+) -> None:
+    """Ask one device for a diagnostic summary at its next poll (docs/fleet.md#diagnostics)."""
+    from fedge.server.diagnostics import DiagnosticsError, diagnose
+    try:
+        console.print(escape(diagnose(run_dir, device, show)), highlight=False, soft_wrap=True)
+    except DiagnosticsError as exc:
         _fail(str(exc))
 
 

@@ -19,7 +19,7 @@ from fedge.contracts.config import PROJECT_ROOT
 DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"
 BENCHMARKS = (
     "engine", "overhead", "aggregation", "device", "communication", "mlflow", "encryption",
-    "label-free",
+    "label-free", "fleet",
 )
 
 
@@ -29,6 +29,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         communication,
         encryption,
         engine,
+        fleet_scale,
         footprint,
         label_free,
         overhead,
@@ -45,6 +46,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
             "mlflow": lambda: tracking_cost.run(versions=2, ticks=20),
             "encryption": lambda: encryption.run(ticks=10, repeat=3),
             "label-free": lambda: label_free.run(n_ticks=20),
+            "fleet": lambda: fleet_scale.run(sizes=(100, 1_000), ticks=3),
         }
     return {
         "engine": lambda: engine.run(sizes=(10, 100, 1000), rounds=2),
@@ -55,6 +57,7 @@ def _plan(quick: bool) -> dict[str, Callable[[], list[Figure]]]:
         "mlflow": tracking_cost.run,
         "encryption": encryption.run,
         "label-free": label_free.run,
+        "fleet": fleet_scale.run,
     }
 
 
@@ -193,6 +196,12 @@ METHOD = """
    calibrated estimate) two-class probabilities, the input tests the rows
    against a reference of 200 (KS per feature with Holm, MMD with 200
    permutations). Per sample is the tick's time over its 100 rows.
+9. **Fleet**: `experiments/benchmarks/fleet_scale.py`; simulated health reports
+   of 1,000 and 10,000 devices for 5 ticks through the server's fleet register
+   (observe per reply, statuses and the `fleet.jsonl` append per tick), then
+   `fedge fleet`'s read-back and table render. Memory per device is what
+   tracemalloc sees the register hold; ratios are per device against 1,000
+   (1.0x: linear).
 """
 
 

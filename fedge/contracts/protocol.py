@@ -50,6 +50,9 @@ REPORT = "report"
 HEALTH = "health"
 #: Late labels by the tick of their samples, so each folds into its own tick's accuracy.
 LATE_LABELS = "late-labels"
+#: Query reply record, only when the query asked for it (:data:`DIAGNOSE`): the
+#: device's :class:`DeviceDiagnostics` (counts and codes, no sample).
+DIAGNOSTICS = "diagnostics"
 #: Sample ticks one reply may amend; labels of more ticks count at their arrival only.
 MAX_AMENDED_TICKS = 16
 LATE_LABEL_FIELDS: tuple[str, ...] = tuple(
@@ -86,6 +89,9 @@ MODEL_SIGNING_KEY = "model-signing-key"
 #: Query config: ticks of the reports the server received from this device in its
 #: previous reply; the device drops them from its outbox (a list of ints).
 REPORTS_RECEIVED = "reports-received"
+#: Query config flag: an operator asked this device for a diagnostic summary
+#: (``fedge diagnose``); the reply carries a :data:`DIAGNOSTICS` record.
+DIAGNOSE = "diagnose"
 
 #: Most outbox reports one ``query`` reply carries beside the current one.
 MAX_LATE_REPORTS = 16
@@ -482,6 +488,37 @@ def _typed_fields(cls: Any, data: Any, what: str) -> dict[str, Any]:
 HEALTH_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DeviceHealth))
 
 
+#: Drift detectors a diagnostic summary names, by code (0: one this list does not know).
+DETECTOR_KINDS: tuple[str, ...] = (
+    "other", "ADWIN", "KSWIN", "PageHinkley", "DDM", "EDDM", "HDDM_A", "HDDM_W",
+)
+#: 32-bit words of a config digest (a SHA-256): the egress policy lets only scalars leave.
+DIGEST_WORDS = 8
+#: Scalars of a :data:`DIAGNOSTICS` record (see :class:`fedge.contracts.diagnostics.DeviceDiagnostics`).
+DIAGNOSTIC_SCALARS: tuple[str, ...] = (
+    "device", "tick", "store_rows", "store_labelled", "labels_outstanding", "outbox_reports",
+    "store_bytes", "audit_bytes", "inbox_bytes", "detector", "samples_seen", "drifts_total",
+    "detector_estimate", "model_version", "previous_version", "uptime_seconds", "errors_total",
+)
+
+
+def error_count_key(kind: str) -> str:
+    """The diagnostics key counting handler failures of one :data:`ERROR_KINDS` kind."""
+    return f"errors_{kind}"
+
+
+def digest_key(word: int) -> str:
+    """The diagnostics key of one 32-bit word of the config digest."""
+    return f"config_digest_{word}"
+
+
+DIAGNOSTICS_FIELDS: tuple[str, ...] = (
+    *DIAGNOSTIC_SCALARS,
+    *(error_count_key(kind) for kind in ERROR_KINDS[1:]),
+    *(digest_key(i) for i in range(DIGEST_WORDS)),
+)
+
+
 #: The egress policy: what a device may send, per reply type. Each entry maps a
 #: record name to its kind and, for config and metric records, the keys allowed
 #: (scalars only). Array records must mirror the names and shapes of the model
@@ -491,6 +528,7 @@ EGRESS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         REPORT: ("config", REPORT_FIELDS),
         HEALTH: ("config", HEALTH_FIELDS),
         LATE_LABELS: ("config", LATE_LABEL_FIELDS),
+        DIAGNOSTICS: ("config", DIAGNOSTICS_FIELDS),
         **{name: ("config", REPORT_FIELDS) for name in LATE_REPORTS},
     },
     "train": {ARRAYS: ("arrays", ()), METRICS: ("metrics", DEVICE_METRICS["train"])},

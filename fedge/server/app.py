@@ -248,6 +248,7 @@ def run_server(
             history=tracker.versions() if cfg.run.resume else (),
             folder=folder,
         )
+        federation.on_event = tracker.log_event  # e.g. a device's diagnostics answer
         orch = Orchestrator(
             federation,
             MlflowRegistry(tracker, scenario, cfg),

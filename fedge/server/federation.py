@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.contracts import protocol as p
 from fedge.contracts.config import FedgeConfig
+from fedge.contracts.diagnostics import DeviceDiagnostics, config_digest
 from fedge.contracts.signing import (
     REFUSAL_NAMES,
     ModelSeal,
@@ -43,6 +44,7 @@ from fedge.core.state import state_path
 from fedge.engines.quorum import error_line, missing_by_round
 from fedge.privacy.anchors import ANCHORS_FILE, AuditAnchors
 from fedge.privacy.secagg_settings import SecAggError
+from fedge.server.diagnostics import DiagnosticsDesk
 from fedge.server.fleet import FLEET_FILE, FleetRegister
 from fedge.server.strategy import DeviceGrid, make_strategy
 from strategies.private_campaign import PrivateCampaigns, equal_weights
@@ -147,6 +149,10 @@ class FlowerFederation:
         #: Every device's health and status, kept in (and resumed from) the run folder.
         self.fleet = FleetRegister(cfg.fleet, folder / FLEET_FILE if folder is not None else None)
         self.anchors_path = folder / ANCHORS_FILE if folder is not None else None
+        #: Operators' diagnostics requests (``fedge diagnose``) and the answers, in the run folder.
+        self.diagnostics = DiagnosticsDesk(folder)
+        #: Called with (kind, tick, payload) for run events (the ServerApp logs them to MLflow).
+        self.on_event: Callable[[str, int, Mapping[str, Any]], None] | None = None
         self.anchors = (
             AuditAnchors.load(self.anchors_path) if self.anchors_path is not None else AuditAnchors()
         )
@@ -209,10 +215,13 @@ class FlowerFederation:
         encoded: dict[int, tuple[ArrayRecord, ModelSeal]] = {}
         device_of = {node: device for device, node in self.node_of.items()}
         messages = []
+        asked = self.diagnostics.refresh()
         for node in self._nodes():
             device = device_of.get(node)
             target = deployment.get(device, default) if device is not None else default
-            config: dict[str, int | str] = {p.TICK: tick, p.CHAMPION_VERSION: 0}
+            config: dict[str, int | str | bool] = {p.TICK: tick, p.CHAMPION_VERSION: 0}
+            if device in asked:
+                config[p.DIAGNOSE] = True
             content = RecordDict()
             if target is not None:
                 config[p.CHAMPION_VERSION] = target.version
@@ -297,6 +306,7 @@ class FlowerFederation:
             self._note_late_labels(tick, node, reply)
             self.anchors.record_all([report, *late])
             self.fleet.observe(tick, report, self._health(tick, node, reply))
+            self._note_diagnostics(tick, node, reply)
             self.node_of[report.device] = node
             self.deployed[node] = report.model_version
             self.labelled[report.device] = report.window_labelled
@@ -348,6 +358,19 @@ class FlowerFederation:
         except ValueError as exc:
             log.warning("tick %d: node %s sent an unreadable health record: %s", tick, node, exc)
             return None
+
+    def _note_diagnostics(self, tick: int, node: int, reply: Message) -> None:
+        """Keep a reply's diagnostic summary in the run folder and as a run event."""
+        record = reply.content.config_records.get(p.DIAGNOSTICS)
+        if record is None:
+            return
+        try:
+            answer = self.diagnostics.answered(DeviceDiagnostics.from_dict(record), config_digest(self.cfg))
+        except ValueError as exc:
+            log.warning("tick %d: node %s sent unreadable diagnostics: %s", tick, node, exc)
+            return
+        if answer is not None and self.on_event is not None:
+            self.on_event("diagnostics", tick, answer)
 
     def fleet_counts(self) -> dict[str, int]:
         """Devices per status after the latest poll (see :mod:`fedge.server.fleet`)."""
