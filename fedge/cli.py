@@ -407,11 +407,12 @@ def fleet_cmd(
     sort: Annotated[str, typer.Option(help="device, status, version, last_seen, accuracy, errors.")] = "device",
     watch: Annotated[bool, typer.Option(help="Refresh while the run goes on (Ctrl-C ends).")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    limit: Annotated[int, typer.Option(help="Rows to show after sorting; 0 shows all.")] = 200,
 ) -> None:
     """The devices of a run: status, version, last seen, accuracy, drift, errors (docs/fleet.md)."""
     from fedge.console_fleet import FleetError, show_fleet
     try:
-        show_fleet(console, run_dir, device, status=status, sort=sort, watch=watch, interval=interval)
+        show_fleet(console, run_dir, device, status=status, sort=sort, watch=watch, interval=interval, limit=limit)
     except FleetError as exc:
         _fail(str(exc))
 

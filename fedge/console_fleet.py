@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from fedge.server.fleet import FLEET_FILE, STATUSES, FleetRegister
 
@@ -49,13 +50,29 @@ def _sort_key(sort: str) -> Any:
     return lambda r: r["device"]
 
 
-def fleet_table(register: FleetRegister, status: str | None = None, sort: str = "device") -> Group:
-    """The fleet table (``status`` devices only, sorted by ``sort``) under a per-status count line."""
+#: Rows the table shows unless told otherwise: a terminal reader wants the worst first, not 10,000.
+DEFAULT_LIMIT = 200
+#: Beyond this many rows the table is plain fixed-width text (a rich table lays out ~3 ms a row).
+PLAIN_ROWS = 1000
+
+
+def fleet_table(
+    register: FleetRegister, status: str | None = None, sort: str = "device", limit: int = DEFAULT_LIMIT
+) -> Group:
+    """The fleet table (``status`` devices only, sorted by ``sort``, the first ``limit``; 0: all)."""
     if status is not None and status not in STATUSES:
         raise FleetError(f"--status {status!r}: allowed: {', '.join(STATUSES)}")
     if sort not in SORT_KEYS:
         raise FleetError(f"--sort {sort!r}: allowed: {', '.join(SORT_KEYS)}")
+    if limit < 0:
+        raise FleetError(f"--limit {limit}: must be 0 (all) or more")
     rows = sorted(register.table(status), key=_sort_key(sort))
+    hidden = len(rows) - limit if limit and len(rows) > limit else 0
+    rows = rows[:limit] if limit else rows
+    counts = "  ".join(f"{name}: {register.counts.get(name, 0)}" for name in STATUSES)
+    more = [f"... {hidden} more devices (--limit 0 shows all, --status and --sort choose which)"] if hidden else []
+    if len(rows) > PLAIN_ROWS:
+        return Group(f"{len(register.devices)} devices  {counts}", _plain(rows, register.last_tick), *more)
     table = Table(title=f"fleet at tick {register.last_tick}", title_justify="left")
     for name in ("device", "status", "version", "last seen", "accuracy", "drift", "errors", "last error"):
         table.add_column(name, justify="right" if name in ("device", "version", "errors") else "left")
@@ -72,8 +89,20 @@ def fleet_table(register: FleetRegister, status: str | None = None, sort: str = 
             f"{r['errors']}" + (f" +{r['refused']} refused" if r["refused"] else ""),
             r["last_error"] or "-",
         )
-    counts = "  ".join(f"{name}: {register.counts.get(name, 0)}" for name in STATUSES)
-    return Group(f"{len(register.devices)} devices  {counts}", table)
+    return Group(f"{len(register.devices)} devices  {counts}", table, *more)
+
+
+def _plain(rows: list[dict[str, Any]], tick: int | None) -> Text:
+    """The same columns as fixed-width text, for fleets too large for a laid-out table."""
+    header = (f"{'device':>7} {'status':<9} {'version':>8} {'last seen':<10} "
+              f"{'accuracy':<9} {'drifts':>6} {'errors':>6}  last error")
+    lines = [f"fleet at tick {tick}", header]
+    for r in rows:
+        seen = "-" if r["last_seen"] is None else f"tick {r['last_seen']}"
+        lines.append(f"{r['device']:>7} {r['status']:<9} {'v' + str(r['version']):>8} {seen:<10} "
+                     f"{_acc(r['accuracy'], r['estimated']):<9} {r['drifts']:>6} {r['errors']:>6}  "
+                     f"{r['last_error'] or '-'}")
+    return Text("\n".join(lines))
 
 
 def device_history(register: FleetRegister, device: int) -> Group:
@@ -122,6 +151,7 @@ def show_fleet(
     watch: bool = False,
     interval: float = 2.0,
     rounds: int | None = None,
+    limit: int = DEFAULT_LIMIT,
 ) -> None:
     """Print the fleet (or one device); with ``watch``, re-read the register every ``interval`` s.
 
@@ -130,7 +160,7 @@ def show_fleet(
     def render() -> Group:
         register = open_register(run_dir)
         return device_history(register, device) if device is not None else fleet_table(
-            register, status, sort)
+            register, status, sort, limit)
 
     view = render()
     if not watch:

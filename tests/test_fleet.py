@@ -200,3 +200,32 @@ def test_fedge_fleet_shows_the_table_one_device_and_refuses_unknowns(fleet_run: 
     ):
         bad = runner.invoke(cli, ["fleet", *args])
         assert bad.exit_code == 2 and said in bad.output and "Traceback" not in bad.output
+
+
+def test_a_large_fleet_shows_its_first_rows_and_counts_the_rest(tmp_path: Path) -> None:
+    """--limit keeps a 10,000-device table readable and fast; --limit 0 shows every row."""
+    import io
+
+    from rich.console import Console
+
+    from fedge.console_fleet import FleetError, fleet_table
+
+    register = FleetRegister(FleetConfig(), tmp_path / FLEET_FILE)
+    for device in range(1500):
+        register.observe(0, _report(device, 0), p.DeviceHealth(device, 0, 1, True, live_accuracy=0.9))
+    register.end_tick(0)
+
+    def shown(**kwargs: Any) -> str:
+        out = io.StringIO()
+        Console(file=out, width=140).print(fleet_table(register, **kwargs))
+        return out.getvalue()
+
+    first = shown(sort="device")
+    assert "... 1300 more devices" in first
+    assert sum("healthy" in line for line in first.splitlines()[1:]) == 200, "the first 200 rows"
+    everything = shown(limit=0)
+    assert "more devices" not in everything
+    listed = {int(line.split()[0]) for line in everything.splitlines()[3:] if line.strip()[:1].isdigit()}
+    assert listed == set(range(1500)), "every device, as plain rows"
+    with pytest.raises(FleetError, match="--limit -1"):
+        fleet_table(register, limit=-1)
