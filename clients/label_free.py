@@ -249,6 +249,7 @@ class LabelFreeMonitor:
             return {}
         rng = np.random.default_rng([self.seed, self.tests])
         self.tests += 1
+        rows = x
         if len(x) > MAX_TEST_ROWS:
             x = x[np.sort(rng.choice(len(x), MAX_TEST_ROWS, replace=False))]
         test = self.settings["input_test"]
@@ -261,6 +262,12 @@ class LabelFreeMonitor:
             result = mmd_test(self._reference, x, rng, self.settings["permutations"], alpha)
         fired = result.p_value <= alpha
         self.input_alarms += int(fired)
+        if fired:
+            # A change point: the next change is judged against the new inputs, so a shift
+            # that persists is one alarm, not one per tick (each would empty the window
+            # again and refuse every label still on its way).
+            self._reference = np.array(rows[:size], copy=True)
+            self.reference_changed = True
         return {
             "input_tested": True, "input_drift": fired,
             "input_statistic": result.statistic, "input_p_value": result.p_value,
