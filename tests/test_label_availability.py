@@ -88,3 +88,27 @@ def test_label_fraction_and_delay_out_of_bounds_are_one_line_errors() -> None:
         load_config(None, ["scenario.label_fraction=1.5"])
     with pytest.raises(ConfigError, match="label_delay"):
         load_config(None, ["scenario.label_delay=-1"])
+
+
+def test_the_benchmark_scores_delay_false_alarms_and_misses_against_the_schedule() -> None:
+    from experiments import label_free_bench as bench
+
+    cfg = load_config(None, [f"scenario.clients={bench.CLIENTS}", f"scenario.ticks={bench.TICKS}",
+                             f"scenario.schedule.at={bench.DRIFT_AT}"])
+    at = bench.DRIFT_AT
+    ticks = [{"tick": t, "signals": {}} for t in range(bench.TICKS)]
+    ticks[2]["signals"] = {"input": [1]}  # a false alarm before the drift
+    ticks[at]["signals"] = {"input": [0], "label": [2]}
+    ticks[at + 2]["signals"] = {"prediction": [1]}
+    summary = {"ticks": ticks, "campaigns": [{"tick": 0}]}
+    truth = {t: (90, 100) if t < at else (60, 100) for t in range(bench.TICKS)}
+    free = bench.score(bench.Cell("segment-gain", "label-free", 0.1, 0), cfg, summary, truth, 1.0)
+    # Devices 0 and 1 detect (delays 0 and 2); no campaign answers 2 and 3, so they are missed.
+    assert (free["median_delay"], free["detected"], free["missed"]) == (1.0, 2, 2)
+    assert free["false_alarms"] == pytest.approx(1 / ((at - 1) * bench.CLIENTS), abs=1e-4)
+    assert free["accuracy_after"] == pytest.approx(0.6)
+    label = bench.score(bench.Cell("segment-gain", "label", 0.1, 0), cfg, summary, truth, 1.0)
+    assert (label["median_delay"], label["detected"], label["false_alarms"]) == (0, 1, 0.0)
+    answered = {**summary, "campaigns": [{"tick": 0}, {"tick": at + 1}]}
+    label = bench.score(bench.Cell("segment-gain", "label", 0.1, 0), cfg, answered, truth, 1.0)
+    assert (label["missed"], label["campaign_delay"]) == (0, 1), "a campaign answers every device's drift"
