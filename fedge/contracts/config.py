@@ -150,6 +150,10 @@ class ScenarioConfig:
     ticks: int = field(default=16, metadata=_between(1, MAX_TICKS))
     samples_per_tick: int = field(default=100, metadata=_between(1, MAX_SAMPLES_PER_TICK))
     bad_row_fraction: float = field(default=0.02, metadata=_between(0.0, 0.5))
+    #: Share of a simulated device's rows that come with a label (the others never get one).
+    label_fraction: float = field(default=1.0, metadata=_between(0.0, 1.0))
+    #: Ticks after its sample that a label arrives (0: with the row; > 0: as a late label).
+    label_delay: int = field(default=0, metadata=_between(0, MAX_TICKS))
     schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "sudden", "at": 8})
     generator_params: dict[str, Any] = field(default_factory=dict)
 
