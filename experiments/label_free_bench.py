@@ -296,14 +296,17 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     lines: list[str] = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         lines += [f"**{scenario}** (drift at tick {DRIFT_AT}, {CLIENTS} devices x {TICKS} ticks)", "",
-                  ("| labels | delay | config | median delay (devices) | campaign delay "
+                  ("| labels | delay | config | seed | median delay (devices) | campaign delay "
                    "| false alarms / device-tick | missed | accuracy after drift | campaigns |"),
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            if r["scenario"] != scenario:
-                continue
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        mine = [r for r in rows if r["scenario"] == scenario]
+        order = {key: i for i, key in enumerate(dict.fromkeys(
+            (r["label_fraction"], r["label_delay"], r["config"]) for r in mine))}
+        # The seeds of one setting side by side, so their spread reads at a glance.
+        for r in sorted(mine, key=lambda r: (order[(r["label_fraction"], r["label_delay"], r["config"])], r["seed"])):
             lines.append(
-                f"| {r['label_fraction']:.0%} | {r['label_delay']} | {r['config']} | {_show(r['median_delay'], 1)} ({r['detected']}) "
+                f"| {r['label_fraction']:.0%} | {r['label_delay']} | {r['config']} | {r['seed']} "
+                f"| {_show(r['median_delay'], 1)} ({r['detected']}) "
                 f"| {_show(r['campaign_delay'])} | {_show(r['false_alarms'], 3)} | {r['missed']}/{r['devices']} "
                 f"| {_show(r['accuracy_after'], 3)} | {r['campaigns']} |"
             )
