@@ -492,6 +492,12 @@ class Inbox(LabelQueue):
         return int(cursor.rowcount)
 
     @property
+    def origin(self) -> str | None:
+        """``"scenario"`` or ``"device"``: whose rows the inbox holds (None before the first write)."""
+        row = self._connection().execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        return None if row is None else str(row[0])
+
+    @property
     def last_tick(self) -> int:
         """The latest tick ever stored (``-1`` for a new inbox); survives pruning."""
         row = self._connection().execute("SELECT value FROM meta WHERE key = 'last_tick'").fetchone()
@@ -570,11 +576,9 @@ def _check_origin(conn: sqlite3.Connection, path: Path, source: str) -> None:
         conn.execute("INSERT INTO meta VALUES ('origin', ?)", (kind,))
     elif row[0] != kind:
         held = "a scenario's generated rows" if row[0] == "scenario" else "the device application's own rows"
-        raise IngestError(
-            f"ingest: {path} holds {held}; {'generated' if kind == 'scenario' else 'own'} rows "
-            "would be mixed into them (use a fresh run folder, or data.source for own data); "
-            "nothing from this call was stored"
-        )
+        raise IngestError(f"ingest: {path} holds {held}; {'generated' if kind == 'scenario' else 'own'} rows would "
+                          "be mixed into them (use a fresh run folder, or data.source for own data); nothing "
+                          "from this call was stored")
 
 
 def read_schema(path: Path) -> InboxSchema:

@@ -207,6 +207,9 @@ def run(
         from fedge.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.tracking.uri)
+    if request.engine != "deployment":
+        # Before the configuration is stored: inboxes that refuse the rows leave no run behind.
+        feed_devices(cfg, folder)
     if not plan.resumed:
         write_config(cfg, folder)
     # Both apps read the stored file; a resumed run adds only the keys it may change.
@@ -220,7 +223,6 @@ def run(
         from fedge.deploy.runs import DeployRequest, deploy
 
         return deploy(DeployRequest(stored, changed), run_dir=folder)
-    feed_devices(cfg, folder)
     if request.engine == "simulation":
         from fedge.engines.simulation import run_flower_simulation
 
@@ -230,9 +232,20 @@ def run(
 
 
 def feed_devices(cfg: FedgeConfig, folder: Path) -> None:
-    """Put every device's scenario rows into its ingest inbox, as a device application would."""
+    """Put every device's rows into its ingest inbox, as a device application would.
+
+    Raises
+    ------
+    ConfigError
+        An inbox refused the rows (one line: mixing generated and own rows, a bad file).
+    """
+    from clients.inbox import IngestError
+
     for device in range(cfg.scenario.clients):
-        feed_device(cfg, device, folder / "devices" / f"device-{device}.sqlite")
+        try:
+            feed_device(cfg, device, folder / "devices" / f"device-{device}.sqlite")
+        except IngestError as exc:
+            raise ConfigError(f"device {device}: {exc}") from None
 
 
 def feed_device(cfg: FedgeConfig, device: int, store_path: Path) -> None:

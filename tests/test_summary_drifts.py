@@ -7,7 +7,6 @@ into the devices' inboxes have no known schedule: only the detections appear.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,11 @@ import pytest
 
 from clients.inbox import Inbox, inbox_path
 from fedge.console import console, print_summary
+from fedge.contracts.config import ConfigError
 from fedge.core.records import LateRecord, RunRecord, TickRecord
 from fedge.runner import RunRequest, quiet_tick, run
 from fedge.scenarios.generators import sine2_labels
-from fedge.server.summary import TRUTH_FILE, detected_drifts, score_detections
+from fedge.server.summary import detected_drifts, score_detections
 
 CLIENTS, TICKS, DRIFT_AT, ROWS = 3, 9, 4, 150
 SMALL = (
@@ -90,7 +90,6 @@ def test_a_generator_scenario_scores_detections_against_its_schedule(
     for d in truth["devices"]:
         for c in d["caught"]:
             assert c["detected"] in summary["detected_drifts"][str(d["device"])]
-    assert json.loads((Path(summary["run_dir"]) / TRUTH_FILE).read_text())["known"] is True
     text = _printed(summary, monkeypatch)
     assert "against the scenario's schedule" in text
     assert f"{truth['caught']} caught, {truth['missed']} missed" in text
@@ -114,9 +113,14 @@ def test_own_data_shows_only_what_the_devices_detected(
 ) -> None:
     folder = tmp_path / "run"
     _write_own_rows(folder)
-    # The scenario's schedule says "no drift"; the user's rows do drift. Neither is the truth.
+    # The scenario's schedule says "no drift"; the user's rows do drift. Neither is the truth,
+    # and rows of the user's own are refused unless the run says they are.
     overrides = (*SMALL, 'scenario.schedule={kind="stationary"}', f'run.output_dir="{tmp_path}"')
-    summary = run(RunRequest(None, overrides), on_tick=quiet_tick, run_dir=folder)
+    with pytest.raises(ConfigError, match="holds the device application's own rows, but data.source"):
+        run(RunRequest(None, overrides), on_tick=quiet_tick, run_dir=folder)
+    assert not (folder / "config.toml").exists(), "the refused run left no run behind"
+    own = (*overrides, 'data.source="inbox"', "data.n_features=2", "data.n_classes=2")
+    summary = run(RunRequest(None, own), on_tick=quiet_tick, run_dir=folder)
     assert summary["drift_truth"] is None
     assert summary["drift_steps"] == [] and summary["recoveries"] == []
     detected = summary["detected_drifts"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clients.inbox import SCENARIO_SOURCE, Inbox, Receipt, ingest
+from clients.inbox import SCENARIO_SOURCE, Inbox, IngestError, Receipt, ingest
 from clients.sources import feed
 from fedge.scenarios import build_scenario, build_source
 
@@ -66,6 +66,14 @@ def feed_scenario(
     if path.exists():
         with Inbox(path, n_features=scenario.n_features, n_classes=scenario.n_classes) as inbox:
             last = inbox.last_tick
+            if inbox.origin == "device":
+                # Refused even with nothing left to write: a run that reads these rows
+                # must not take the generator's schedule for their truth.
+                raise IngestError(
+                    f"ingest: {path} holds the device application's own rows, but data.source is "
+                    '"scenario"; set data.source = "inbox" (with data.n_features and data.n_classes) '
+                    "to run on them"
+                )
     wanted = range(scenario.n_steps) if ticks is None else ticks
     availability = LabelAvailability(spec.label_fraction, spec.label_delay, spec.seed, device_id)
     late: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -202,8 +202,7 @@ def run_server(
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     scenario = build_source(cfg)
-    # Decided before the devices consume (and prune) their inboxes.
-    truth = drift_truth(scenario, folder)
+    truth = drift_truth(scenario)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(
         uri,

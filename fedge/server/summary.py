@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,10 +35,6 @@ def log_tick(rec: TickRecord, campaign: CampaignRecord | None) -> None:
 
 #: A device's detector firing up to this many ticks after its true drift caught that drift.
 DETECTION_WINDOW = 3
-#: Whether the run's data is the scenario generator's (so its schedule is the truth), decided once.
-TRUTH_FILE = "drift-truth.json"
-#: The source the simulated device application writes its inbox batches with.
-SCENARIO_SOURCE = "scenario"
 
 
 def detected_drifts(record: RunRecord) -> dict[int, list[int]]:
@@ -127,45 +121,15 @@ def score_detections(
     }
 
 
-def _inbox_sources(devices: Path) -> set[str] | None:
-    """The sources the inboxes in ``devices`` were written with (None: no inbox there).
+def drift_truth(scenario: Scenario) -> ConceptSchedule | None:
+    """The schedule of true drifts: the generator's, when the devices' rows are the generator's.
 
-    Only the batches' ``source`` labels are read (never a row), read-only.
-    An inbox that cannot be read counts as an unknown source.
+    With ``data.source = "scenario"`` every inbox holds only generated rows (an
+    inbox holding a device application's own rows is refused when the run feeds
+    it, :func:`fedge.scenarios.feed.feed_scenario`), so the schedule is the truth;
+    the devices' own data has none (``schedule`` is None).
     """
-    found: set[str] = set()
-    paths = sorted(devices.glob("device-*.inbox.sqlite")) if devices.is_dir() else []
-    if not paths:
-        return None
-    for path in paths:
-        try:
-            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-                found.update(str(row[0]) for row in db.execute("SELECT DISTINCT source FROM batches"))
-        except sqlite3.Error:
-            found.add("?")
-    return found
-
-
-def drift_truth(scenario: Scenario, folder: Path) -> ConceptSchedule | None:
-    """The schedule of true drifts, when the devices' data is the scenario generator's.
-
-    The generator's schedule is the truth only for rows the generator made: when
-    every device inbox in the run folder holds only batches the simulated
-    device application wrote (source ``"scenario"``). Rows a user ingested, or
-    devices whose inboxes live elsewhere, have no known truth (None). Decided
-    when the run starts and kept in ``<folder>/drift-truth.json``, so a resumed
-    run (whose inboxes the devices have pruned) decides the same.
-    """
-    path = folder / TRUTH_FILE
-    try:
-        known = bool(json.loads(path.read_text(encoding="utf-8"))["known"])
-    except (OSError, ValueError, KeyError, TypeError):
-        sources = _inbox_sources(folder / "devices")
-        known = sources is not None and sources <= {SCENARIO_SOURCE}
-        folder.mkdir(parents=True, exist_ok=True)
-        shown = sorted(sources or ())[:10]
-        path.write_text(json.dumps({"known": known, "sources": shown}), encoding="utf-8")
-    return scenario.schedule if known else None
+    return scenario.schedule
 
 
 def build_summary(
