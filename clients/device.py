@@ -120,6 +120,7 @@ class Device:
         self._model = self._build()
         self._generation: bytes | None = None
         self._said_no_data = False
+        self.late_by_tick: dict[int, list[int]] = {}  # late labels by sample tick, until a reply carries them
         self._load()
 
     def _load(self) -> None:

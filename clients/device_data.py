@@ -175,7 +175,7 @@ def apply_late_labels(device: Device, labels: LateLabels | None, tick: int) -> L
 
 def note_amendments(device: Device, tally: LabelTally) -> None:
     """Keep the tick's late labels by sample tick until a reply carries them (see take_amendments)."""
-    pending = device.__dict__.setdefault("late_by_tick", {})
+    pending = device.late_by_tick
     for tick, (labels, errors) in tally.by_tick.items():
         have = pending.setdefault(tick, [0, 0])
         have[0] += labels
@@ -188,4 +188,5 @@ def take_amendments(device: Device) -> dict[int, list[int]]:
     They live in the device process's memory: a reply lost with its process loses
     them (the arrival tick's report still counts them in ``late_labels``).
     """
-    return device.__dict__.pop("late_by_tick", {})
+    pending, device.late_by_tick = device.late_by_tick, {}
+    return pending

@@ -563,8 +563,11 @@ class Orchestrator:
     def _fold_late_labels(self) -> None:
         """Late labels raise or lower the accuracy of the tick their samples arrived at."""
         take = getattr(self.federation, "late_labels", None)
-        at = {rec.tick: i for i, rec in enumerate(self.record.ticks)}
-        for t, (labels, errors) in (take() if callable(take) else {}).items():
+        amended = take() if callable(take) else {}
+        if not amended:
+            return  # most ticks: nothing to look up
+        at = {rec.tick: i for i, rec in enumerate(self.record.ticks) if rec.tick in amended}
+        for t, (labels, errors) in amended.items():
             if t in at:
                 rec = self.record.ticks[at[t]] = with_late_labels(self.record.ticks[at[t]], labels, errors)
                 if rec.accuracy is not None:
