@@ -152,6 +152,15 @@ def snapshot(run_dir: Path) -> dict[str, Any]:
 
 
 # -- the server --------------------------------------------------------------------------------
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and modification time of ``path`` ((-1, -1) when absent): what a change moves."""
+    try:
+        info = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (info.st_size, info.st_mtime_ns)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
@@ -208,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon", head=True)  # none, and no 404
         elif path == "/api/fleet":
             try:
-                body = json.dumps(snapshot(self.server.run_dir), allow_nan=False).encode()
+                body = self.server.snapshot_body()
             except (FleetError, ValueError) as exc:
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), head)
                 return
@@ -253,12 +262,22 @@ class DashboardServer(ThreadingHTTPServer):
             raise DashboardError(
                 f"{run_dir}: holds no fedge run ({', '.join(_RUN_FILES)}); is it a run folder?")
         self.run_dir, self.allow_remote = run_dir, allow_remote
+        self._cache: tuple[tuple[tuple[int, int], ...], bytes] | None = None
+        self._cache_lock = threading.Lock()
         if ":" in host.strip("[]"):
             self.address_family = socket.AF_INET6
         try:
             super().__init__((host.strip("[]"), port), _Handler)
         except OSError as exc:
             raise DashboardError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})") from None
+
+    def snapshot_body(self) -> bytes:
+        """``/api/fleet``'s body, rebuilt only when a file it reads has changed since the last poll."""
+        key = tuple(_stamp(self.run_dir / name) for name in (FLEET_FILE, TICKS_FILE, SUMMARY_FILE))
+        with self._cache_lock:
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, json.dumps(snapshot(self.run_dir), allow_nan=False).encode())
+            return self._cache[1]
 
     @property
     def url(self) -> str:

@@ -219,3 +219,26 @@ def test_the_snapshot_reads_a_register_being_written(tmp_path: Path) -> None:
     assert data["drift_ticks"] == [0] and data["campaigns"][0]["version"] == 2
     assert data["rollout"]["version"] == 2 and data["rollout"]["on"] == [0, 1, 2]
     assert set(data["version_accuracy"]) == {"1", "2"}
+
+
+def test_a_poll_rebuilds_the_snapshot_only_when_the_run_folder_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedge import dashboard
+
+    folder = tmp_path / "run"
+    register = _synthetic(folder, ticks=1)
+    server = DashboardServer(folder)
+    try:
+        built: list[Path] = []
+        real = dashboard.snapshot
+        monkeypatch.setattr(dashboard, "snapshot", lambda d: built.append(d) or real(d))
+        first = server.snapshot_body()
+        assert server.snapshot_body() is first and len(built) == 1, "an unchanged folder is not re-read"
+        for device in range(6):
+            register.observe(1, _report(device, 1, 1), p.DeviceHealth(device, 1, 1, True, live_accuracy=0.9))
+        register.end_tick(1)
+        again = json.loads(server.snapshot_body())
+        assert len(built) == 2 and again["run"]["tick"] == 1, "a new tick is read on the next poll"
+    finally:
+        server.server_close()
