@@ -182,3 +182,16 @@ def test_unusable_data_is_one_line(tmp_path: Path, setup: str, overrides: list[s
     with pytest.raises(ConfigError) as refused:
         load_config(None, overrides)
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_run_in_which_no_device_held_a_usable_row_fails_and_says_why(tmp_path: Path) -> None:
+    from fedge.core.ports import RunFailed
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for device in range(2):  # every row has a non-finite feature: dropped and counted at ingest
+        (root / f"device-{device}.csv").write_text("tick,a,b,label\n0,nan,0.1,0\n1,0.2,inf,1\n")
+    overrides = ('data.source="folder"', f"data.path={json.dumps(str(root))}",
+                 f"run.output_dir={json.dumps(str(tmp_path / 'out'))}")
+    with pytest.raises(RunFailed, match=r"no device held a usable row in any of 2 ticks \(4 rows rejected\)"):
+        run(RunRequest(None, overrides))

@@ -289,6 +289,12 @@ def run_server(
                 f"{next(iter(sorted(set(federation.errors.values()))))}"
             )
         whole = history.whole(record)
+        if whole.ticks and not any(t.n_samples for t in whole.ticks):
+            rejected = sum(t.rejected for t in whole.ticks)
+            raise RunFailed(
+                f"no device held a usable row in any of {len(whole.ticks)} ticks ({rejected} rows "
+                f"rejected); check data.source ({cfg.data.source!r}) and the devices' inboxes"
+            )
         summary = build_summary(cfg, whole, scenario, tracker, uri, folder, engine, truth)
         summary["rounds_used"] = orch.rounds_done
         summary["model_rounds"] = orch.model_rounds
