@@ -44,9 +44,12 @@ def test_an_input_shift_the_label_detector_misses_starts_a_campaign(tmp_path: Pa
         ingest(inbox_path(store), batches, n_features=2, n_classes=2)
     overrides = [
         f'run.output_dir="{tmp_path}"',
+        # The devices' own rows (written above), no generator.
+        'data.source="inbox"',
+        "data.n_features=2",
+        "data.n_classes=2",
         f"scenario.clients={devices}",
         f"scenario.ticks={ticks}",
-        "scenario.bad_row_fraction=0.0",
         'monitor.input_test="ks"',
         'monitor.prediction="confidence"',
         "trigger.quorum=0.5",
