@@ -82,6 +82,10 @@ class Settings:
         ``drift-triggered``: fraction of devices whose detectors must fire.
     cooldown : int, default 3
         ``drift-triggered``: ticks after a campaign during which no new one starts.
+    memory : int, default 4
+        ``drift-triggered``: a device whose detector fired in the last ``memory``
+        ticks (after the last campaign) counts toward the quorum; devices of a
+        staggered schedule drift, and fire, at different steps.
     """
 
     rounds: int = 5
@@ -92,6 +96,7 @@ class Settings:
     delta: float = 0.002
     quorum: float = 0.3
     cooldown: int = 3
+    memory: int = 4
 
 
 #: Named datasets beyond the generators' own names: river's streams with the settings the sweep uses.
@@ -365,7 +370,7 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         # the devices' held-out samples than the champion is registered, never
         # promoted. (With the gate open, one model retrained on a mix of concepts
         # followed the majority and scored below never training again.)
-        trigger = {"policy": "quorum", "quorum": s.quorum, "cooldown": s.cooldown}
+        trigger = {"policy": "quorum", "quorum": s.quorum, "cooldown": s.cooldown, "memory": s.memory}
         campaign["min_improvement"] = 0.0
     return {
         "scenario": {

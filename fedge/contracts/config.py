@@ -22,7 +22,7 @@ The file layout mirrors the dataclasses below::
                           mmd_permutations, prediction, prediction_detector, calibrate
     [monitor.params]      keyword arguments of the river detector
     [trigger]             policy, quorum, cooldown, period, signals, accuracy_floor,
-                          accuracy_source
+                          accuracy_source, memory
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
     [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
@@ -201,6 +201,9 @@ class TriggerConfig:
     accuracy over its reporting devices is below it (a poor but stable
     champion); ``accuracy_source`` says which: ``measured`` (labelled rows),
     ``estimated`` (confidence) or ``either`` (measured where labels exist).
+    ``memory`` above 1 lets a device whose detector fired in any of the last
+    ``memory`` ticks (after the model's last campaign) count toward the quorum,
+    so devices that drift at different ticks can still make one.
     """
 
     policy: str = field(default="quorum", metadata=_choice("quorum", "periodic", "always", "never"))
@@ -212,6 +215,7 @@ class TriggerConfig:
     accuracy_source: str = field(
         default="either", metadata=_choice("measured", "estimated", "either")
     )
+    memory: int = field(default=1, metadata=_between(1, MAX_TICKS))
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ from fedge.core.rollout import (
     begin_rollout,
     restore_rollout,
 )
-from fedge.core.triggers import INITIAL, Decision, TriggerPolicy
+from fedge.core.triggers import INITIAL, Decision, DriftMemory, TriggerPolicy, decide_clusters
 
 log = logging.getLogger("fedge.server")
 
@@ -180,6 +180,7 @@ class Orchestrator:
         self.run_key = uuid.uuid4().hex
         self.last_tick: int | None = None
         self.last_registered = 0
+        self.drift_memory = DriftMemory()
         if rollout is not None and not self.single:
             raise ValueError("rollout: a staged rollout serves one model, not clusters")
         self.rollout_policy = rollout
@@ -256,7 +257,10 @@ class Orchestrator:
         current = self._current_state(reports, late)
         plan = self._plan(tick, current)
         created = self._apply(tick, plan)
-        decisions = self._decide(tick, current)
+        self.drift_memory.update(tick, current)
+        decisions = decide_clusters(
+            self.policy, tick, current, self.pool, self.assignment, self.drift_memory.last
+        )
         drifted = tuple(sorted({d for dec in decisions.values() for d in dec.drifted}))
         acc = tick_accuracy(reports)
         rec = TickRecord(
@@ -368,23 +372,6 @@ class Orchestrator:
                 del self.pool[key]
         return tuple(created)
 
-    def _decide(self, tick: int, reports: Sequence[DriftReport]) -> dict[int, Decision]:
-        """The trigger policy's verdict for every cluster with reporting members."""
-        by_cluster: dict[int, list[DriftReport]] = {}
-        for r in reports:
-            key = self.assignment.get(r.device)
-            if key is not None and key in self.pool:
-                by_cluster.setdefault(key, []).append(r)
-        return {
-            key: self.policy.decide(
-                tick,
-                group,
-                has_model=self.pool[key].version > 0,
-                last_campaign=self.pool[key].last_campaign,
-            )
-            for key, group in sorted(by_cluster.items())
-        }
-
     # -- campaigns -----------------------------------------------------------------------------
     def _campaigns(
         self,
@@ -427,7 +414,7 @@ class Orchestrator:
         members = cluster.devices
         reporting = {r.device for r in reports}
         everyone = tuple(d for d in members if d in reporting)
-        devices = decision.drifted if self.participants == "drifted" and decision.drifted else everyone
+        devices = decision.counted if self.participants == "drifted" and decision.counted else everyone
         reason = self._reason(tick, key, decision, plan, created)
         self.tracker.log_event(
             "drift_trigger",

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedge.core.pool import Cluster
+from fedge.core.triggers import DriftMemory
 
 if TYPE_CHECKING:
     from fedge.core.orchestrator import Orchestrator
@@ -39,6 +40,7 @@ def snapshot(orch: Orchestrator, finished: bool = False) -> dict[str, Any]:
         "champion": orch._champion_version(),
         "pool": [c.saved() for c in orch.pool.values()],
         "assignment": {str(d): k for d, k in orch.assignment.items()},
+        "drift_memory": orch.drift_memory.saved(),
         "policy": repr(orch.policy),
     }
     checkpoint = getattr(orch.federation, "checkpoint", None)
@@ -78,6 +80,7 @@ def restore(orch: Orchestrator, ticks: list[int]) -> list[int]:
         )
         orch.pool[c.key] = c
     orch.assignment = {int(d): int(k) for d, k in dict(saved.get("assignment", {})).items()}
+    orch.drift_memory = DriftMemory(saved.get("drift_memory") or {})
     restore = getattr(orch.federation, "restore", None)
     if callable(restore) and isinstance(saved.get("federation"), Mapping):
         restore(saved["federation"])

@@ -15,7 +15,7 @@ every decision says which signals fired on which devices.
 ...     return DriftReport(device, 5, 1, 100, 3, drift, int(drift), int(drift), 100)
 >>> policy = DriftQuorum(quorum=0.5, cooldown=2)
 >>> policy.decide(5, [report(0, True), report(1, False)], has_model=True, last_campaign=1)
-Decision(retrain=True, reason='drift quorum: 1/2 devices (>= 1; label 1)', drifted=(0,), signals={'label': (0,)})
+Decision(retrain=True, reason='drift quorum: 1/2 devices (>= 1; label 1)', drifted=(0,), signals={'label': (0,)}, counted=(0,))
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedge.contracts.protocol import DRIFT_SIGNALS, LABEL_FREE_SIGNALS, DriftReport
 from fedge.core.records import fired_signals
@@ -45,12 +45,52 @@ class Decision:
 
     ``signals`` maps each drift signal that fired (``label``, ``input``,
     ``prediction``, or ``accuracy-floor``) to the devices it fired on.
+    ``drifted`` are the devices whose detectors fired at this tick; ``counted``
+    the devices the quorum counted (with ``trigger.memory`` above 1 also those
+    that fired in the ticks before, after the last campaign).
     """
 
     retrain: bool
     reason: str
     drifted: tuple[int, ...] = ()
     signals: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    counted: tuple[int, ...] = ()
+
+
+#: Device -> drift signal -> the last tick it fired on (see :class:`DriftMemory`).
+Recent = Mapping[int, Mapping[str, int]]
+
+
+class DriftMemory:
+    """The last tick each device's drift signals fired: what a quorum with memory counts.
+
+    Detectors of devices that drift at different ticks fire at different
+    ticks; a quorum over one tick's firings then never forms although most
+    devices are in drift. With ``trigger.memory = m`` the quorum counts every
+    device whose detector fired within the last ``m`` ticks and after the
+    cluster's last campaign.
+
+    >>> from fedge.contracts.protocol import DriftReport
+    >>> memory = DriftMemory()
+    >>> memory.update(3, [DriftReport(1, 3, 1, 100, 40, True, 1, 1, 100)])
+    >>> memory.saved()
+    {'1': {'label': 3}}
+    """
+
+    def __init__(self, saved: Mapping[str, Mapping[str, int]] | None = None) -> None:
+        self.last: dict[int, dict[str, int]] = {
+            int(d): {str(k): int(t) for k, t in per.items()} for d, per in (saved or {}).items()
+        }
+
+    def update(self, tick: int, reports: Sequence[DriftReport]) -> None:
+        """Remember the signals that fired at ``tick``."""
+        for name, devices in fired_signals(reports).items():
+            for device in devices:
+                self.last.setdefault(device, {})[name] = tick
+
+    def saved(self) -> dict[str, dict[str, int]]:
+        """JSON-ready (kept in the run's state, so a restart remembers)."""
+        return {str(d): dict(per) for d, per in sorted(self.last.items())}
 
 
 class TriggerPolicy(Protocol):
@@ -63,8 +103,9 @@ class TriggerPolicy(Protocol):
         *,
         has_model: bool,
         last_campaign: int | None,
+        recent: Recent | None = None,
     ) -> Decision:
-        """Decide for ``tick`` given the devices' ``reports``."""
+        """Decide for ``tick`` given the devices' ``reports`` (and the signals of earlier ticks)."""
         ...
 
 
@@ -119,6 +160,10 @@ class DriftQuorum:
         reporting devices is below it, whatever the detectors say.
     accuracy_source : {"either", "measured", "estimated"}, default "either"
         The accuracy the floor reads (see :func:`group_accuracy`).
+    memory : int, default 1
+        Ticks a device's firing counts toward the quorum: 1, this tick only;
+        ``m``, any of the last ``m`` ticks after the cluster's last campaign
+        (see :class:`DriftMemory`).
     """
 
     quorum: float = 0.3
@@ -126,6 +171,7 @@ class DriftQuorum:
     signals: str = "either"
     accuracy_floor: float = 0.0
     accuracy_source: str = "either"
+    memory: int = 1
 
     def __post_init__(self) -> None:
         if self.signals not in SIGNAL_SETS:
@@ -151,31 +197,63 @@ class DriftQuorum:
         *,
         has_model: bool,
         last_campaign: int | None,
+        recent: Recent | None = None,
     ) -> Decision:
         counted = SIGNAL_SETS[self.signals]
         drifted = _drifted(reports, counted)
         signals = {k: v for k, v in fired_signals(reports).items() if k in counted}
         if not has_model:
-            return Decision(True, INITIAL, drifted, signals)
+            return Decision(True, INITIAL, drifted, signals, drifted)
+        members = self._remembered(tick, reports, counted, last_campaign, recent) | set(drifted)
+        inside = tuple(sorted(members))
         needed = self.needed(len(reports))
         floor = self._below_floor(reports)
         if floor is not None:
             signals = {**signals, FLOOR: tuple(sorted(r.device for r in reports))}
-        if len(drifted) < needed and floor is None:
+        span = f" within {self.memory} ticks" if self.memory > 1 else ""
+        if len(inside) < needed and floor is None:
             return Decision(
-                False, f"{len(drifted)}/{len(reports)} devices in drift (< {needed})", drifted, signals
+                False,
+                f"{len(inside)}/{len(reports)} devices in drift{span} (< {needed})",
+                drifted,
+                signals,
+                inside,
             )
         if last_campaign is not None and tick - last_campaign <= self.cooldown:
-            return Decision(False, f"cooldown: last campaign at tick {last_campaign}", drifted, signals)
-        if len(drifted) < needed:
-            return Decision(True, floor or "", drifted, signals)
+            return Decision(
+                False, f"cooldown: last campaign at tick {last_campaign}", drifted, signals, inside
+            )
+        if len(inside) < needed:
+            return Decision(True, floor or "", drifted, signals, inside)
         tally = _tally({k: v for k, v in signals.items() if k != FLOOR})
         return Decision(
             True,
-            f"drift quorum: {len(drifted)}/{len(reports)} devices (>= {needed}; {tally})",
+            f"drift quorum: {len(inside)}/{len(reports)} devices{span} (>= {needed}; {tally or 'earlier ticks'})",
             drifted,
             signals,
+            inside,
         )
+
+    def _remembered(
+        self,
+        tick: int,
+        reports: Sequence[DriftReport],
+        counted: Sequence[str],
+        last_campaign: int | None,
+        recent: Recent | None,
+    ) -> set[int]:
+        """Reporting devices whose counted signals fired in the memory span, after the last campaign."""
+        if self.memory <= 1 or not recent:
+            return set()
+        after = last_campaign if last_campaign is not None else -1
+        return {
+            r.device
+            for r in reports
+            if any(
+                name in counted and after < at and tick - at < self.memory
+                for name, at in recent.get(r.device, {}).items()
+            )
+        }
 
     def _below_floor(self, reports: Sequence[DriftReport]) -> str | None:
         """The floor's reason when the model's accuracy is below it, else None."""
@@ -203,6 +281,7 @@ class Periodic:
         *,
         has_model: bool,
         last_campaign: int | None,
+        recent: Recent | None = None,
     ) -> Decision:
         drifted = _drifted(reports)
         if not has_model:
@@ -224,6 +303,7 @@ class Always:
         *,
         has_model: bool,
         last_campaign: int | None,
+        recent: Recent | None = None,
     ) -> Decision:
         return Decision(True, INITIAL if not has_model else "always", _drifted(reports))
 
@@ -239,10 +319,41 @@ class Never:
         *,
         has_model: bool,
         last_campaign: int | None,
+        recent: Recent | None = None,
     ) -> Decision:
         if not has_model:
             return Decision(True, INITIAL, _drifted(reports))
         return Decision(False, "never retrains", _drifted(reports))
+
+
+def decide_clusters(
+    policy: TriggerPolicy,
+    tick: int,
+    reports: Sequence[DriftReport],
+    clusters: Mapping[int, Any],
+    assignment: Mapping[int, int],
+    recent: Recent | None = None,
+) -> dict[int, Decision]:
+    """The policy's verdict for every cluster with reporting members.
+
+    ``clusters`` maps a key to the pool's cluster (its ``version`` and
+    ``last_campaign``); ``assignment`` maps a device to its cluster's key.
+    """
+    by_cluster: dict[int, list[DriftReport]] = {}
+    for r in reports:
+        key = assignment.get(r.device)
+        if key is not None and key in clusters:
+            by_cluster.setdefault(key, []).append(r)
+    return {
+        key: policy.decide(
+            tick,
+            group,
+            has_model=clusters[key].version > 0,
+            last_campaign=clusters[key].last_campaign,
+            recent=recent,
+        )
+        for key, group in sorted(by_cluster.items())
+    }
 
 
 def make_policy(
@@ -254,10 +365,11 @@ def make_policy(
     signals: str = "either",
     accuracy_floor: float = 0.0,
     accuracy_source: str = "either",
+    memory: int = 1,
 ) -> TriggerPolicy:
     """Policy by its config name (the evidence keys apply to ``quorum``)."""
     if name == "quorum":
-        return DriftQuorum(quorum, cooldown, signals, accuracy_floor, accuracy_source)
+        return DriftQuorum(quorum, cooldown, signals, accuracy_floor, accuracy_source, memory)
     if name == "periodic":
         return Periodic(period=period)
     if name == "always":

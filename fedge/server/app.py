@@ -260,6 +260,7 @@ def run_server(
                 signals=cfg.trigger.signals,
                 accuracy_floor=cfg.trigger.accuracy_floor,
                 accuracy_source=cfg.trigger.accuracy_source,
+                memory=cfg.trigger.memory,
             ),
             # The task's own initialisation under the run's seed, for every layer type.
             task.initial_weights(
