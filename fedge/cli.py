@@ -542,27 +542,27 @@ def feddrift_cmd(
     )
     results_dir = results.expanduser().resolve()
     work = (work_dir.expanduser().resolve() if work_dir else results_dir / "runs") / _time.strftime("%Y%m%d-%H%M%S")
-    from experiments.feddrift import run_tasks
-    from experiments.feddrift_sweep import sweep_tasks
+    from experiments.feddrift_sweep import cell_line, sweep_command
 
-    tasks = sweep_tasks(work, seeds, bench.policies, bench.settings) if sweep else bench.tasks(work)
-    total = len(tasks)
+    if sweep:
+        try:
+            failed = sweep_command(results_dir, work, seeds, jobs, bench, lambda t: console.print(t, highlight=False))
+        except ValueError as exc:
+            _fail(str(exc))
+        if failed:
+            _fail(f"{len(failed)} sweep cell(s) failed: " + "; ".join(failed))
+        return
+    total = len(bench.tasks(work))
     started = _time.perf_counter()
     done = 0
 
     def on_task(rows: list[dict[str, Any]]) -> None:
         nonlocal done
         done += 1
-        first = rows[0]
-        accs = "  ".join(f"{r['policy']} {100 * r['accuracy']:.1f}" for r in rows)
-        console.print(
-            f"[{done}/{total}] {first['dataset']}/{first['matrix']} seed {first['seed']}: {accs}"
-            f"  ({_time.perf_counter() - started:.0f} s)",
-            highlight=False,
-        )
+        console.print(cell_line(rows, done, total, _time.perf_counter() - started), highlight=False)
 
     try:
-        rows = run_tasks(tasks, jobs, on_task=on_task) if sweep else run_benchmark(bench, work, on_task=on_task)
+        rows = run_benchmark(bench, work, on_task=on_task)
     except ValueError as exc:
         _fail(str(exc))
         return
