@@ -91,12 +91,15 @@ def test_clustered_dp_keeps_one_privacy_ledger_per_cluster_lineage(tmp_path: Pat
     )
     summary, _ = run_captured(overrides, tmp_path / "run")
     budgets = summary["privacy_budget"]
-    assert set(budgets) == {"cluster-0", "cluster-1"}, budgets
-    ledgers = sorted(p.name for p in (tmp_path / "state").glob("*.privacy.json"))
-    assert len(ledgers) == 2 and all(".cluster-" in name for name in ledgers), ledgers
     by_cluster: dict[str, list[float]] = {}
     for v in sorted(summary["versions"], key=lambda v: v["version"]):
         by_cluster.setdefault(v["tags"]["fedge.cluster"], []).append(float(v["tags"]["fedge.epsilon"]))
+    # The DP noise is not seeded (it must not be predictable), so a noisy model can
+    # now and then split once more; what must hold is one ledger per lineage that trained.
+    trained = {f"cluster-{k}" for k in by_cluster}
+    assert {"cluster-0", "cluster-1"} <= set(budgets) and set(budgets) == trained, (budgets, trained)
+    ledgers = sorted(p.name for p in (tmp_path / "state").glob("*.privacy.json"))
+    assert len(ledgers) == len(trained) and all(".cluster-" in name for name in ledgers), ledgers
     for spent in by_cluster.values():
         assert spent == sorted(spent) and spent[0] > 0, "each lineage's epsilon only grows"
 
