@@ -369,3 +369,14 @@ def render_page(out: Mapping[str, Any], bench: Benchmark, results_link: str) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+#: Everything from this line on in a published page survives a regenerated table.
+KEPT_MARKER = "<!-- kept when the table is regenerated -->"
+
+
+def keep_sections(page: str, target: Path) -> str:
+    """``page`` with the hand-written sections of ``target`` (from :data:`KEPT_MARKER` on) appended."""
+    old = target.read_text() if target.is_file() else ""
+    at = old.find(KEPT_MARKER)
+    return page if at < 0 else page.rstrip("\n") + "\n\n" + old[at:]

@@ -580,12 +580,12 @@ def feddrift_cmd(
         console.print(line, highlight=False)
     import os as _os
 
-    from experiments.feddrift_report import render_page
+    from experiments.feddrift_report import keep_sections, render_page
 
     target = page.expanduser().resolve() if page is not None else results_dir / "feddrift.md"
     link = _os.path.relpath(results.expanduser().resolve(), target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_page(out, bench, link))
+    target.write_text(keep_sections(render_page(out, bench, link), target))
     console.print(f"Page: {target}", highlight=False)
     console.print(f"Table and plots: {results}   runs and MLflow stores: {work}", highlight=False)
 

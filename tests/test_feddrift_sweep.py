@@ -74,3 +74,14 @@ def test_the_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 1 + len(rows)
     assert out["meta"]["cells"] == 2
+
+
+def test_a_regenerated_table_keeps_the_pages_hand_written_sections(tmp_path: Path) -> None:
+    from experiments.feddrift_report import KEPT_MARKER, keep_sections
+
+    page = tmp_path / "feddrift.md"
+    page.write_text(f"# old table\n| a |\n\n{KEPT_MARKER}\n## Sweep\nfigures\n")
+    new = keep_sections("# new table\n| b |\n", page)
+    assert new.startswith("# new table") and "old table" not in new
+    assert new.endswith(f"{KEPT_MARKER}\n## Sweep\nfigures\n")
+    assert keep_sections("# t\n", tmp_path / "absent.md") == "# t\n"
