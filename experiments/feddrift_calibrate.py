@@ -19,7 +19,7 @@ those with at most :data:`FALSE_ALARM_BOUND` false alarms per client-step
 (tie: fewer false alarms, then the shorter delay). The result is
 ``experiments/feddrift_calibration.json`` (the choice and the whole grid), and
 ``calibration.csv`` in the results folder; the harness reads the choice
-(:func:`calibrated_setting`).
+(:mod:`experiments.feddrift_detector`).
 
 Run ``python -m experiments.feddrift_calibrate`` (``--help`` for the options)
 or ``fedge feddrift --calibrate``.
@@ -52,9 +52,8 @@ from experiments.feddrift import (
     dataset_spec,
     model_for,
 )
+from experiments.feddrift_detector import CALIBRATION_FILE, FORMAT, data_key, load_calibration
 
-#: The committed calibration the harness reads.
-CALIBRATION_FILE = Path(__file__).with_name("feddrift_calibration.json")
 #: Where the grid's CSV goes by default.
 RESULTS = Path(__file__).parent / "results" / "feddrift"
 #: The datasets of the harness that are calibrated by default.
@@ -68,7 +67,6 @@ CHANGE_STEPS: tuple[int, ...] = (2, 5)
 SEEDS = 5
 #: The harness's training budget (rounds, local epochs, learning rate, batch).
 BUDGET = Settings()
-_FORMAT = "fedge.feddrift_calibration"
 
 
 @dataclass(frozen=True)
@@ -348,12 +346,6 @@ def power_analysis(rates: Mapping[str, Any], alpha: float = FALSE_ALARM_BOUND) -
 # -- the whole calibration ----------------------------------------------------------------------
 
 
-def data_key(spec: DatasetSpec) -> dict[str, Any]:
-    """What the calibration of a dataset was measured on (a csv folder by its name, not its path)."""
-    params = {k: (f"csv:{Path(str(v)).name}" if k == "source" else v) for k, v in spec.params.items()}
-    return {"generator": spec.generator, "params": params}
-
-
 def calibrate_dataset(
     dataset: str,
     seeds: Sequence[int],
@@ -379,7 +371,8 @@ def calibrate_dataset(
     rates = error_rates(streams)
     chosen = choose(rows)
     entry = {
-        "data": data_key(spec),
+        "data": data_key(spec.generator, spec.params),
+        "seeds": list(seeds),
         "n_concepts": spec.n_concepts,
         "chosen": chosen,
         "error_rates": rates,
@@ -413,7 +406,7 @@ def calibrate(
         if progress is not None:
             progress(name, out[name])
     return {
-        "format": _FORMAT,
+        "format": FORMAT,
         "version": 1,
         "seeds": list(seeds),
         "validation_seeds": list(validation_seeds),
@@ -434,10 +427,18 @@ CSV_COLUMNS = ("dataset", "setting", "detector", "params", "false_alarms_per_cli
                "chosen")
 
 
-def write_outputs(result: Mapping[str, Any], json_path: Path, csv_path: Path) -> None:
-    """The calibration as JSON and the grid as CSV."""
+def write_outputs(result: Mapping[str, Any], json_path: Path, csv_path: Path) -> dict[str, Any]:
+    """The calibration as JSON and the grid as CSV; returns the document written.
+
+    An existing calibration in ``json_path`` keeps its other datasets (each
+    entry names its own seeds), so calibrating one dataset again replaces
+    only that dataset's entry. The CSV holds this run's datasets.
+    """
+    kept = load_calibration(json_path).get("datasets", {})
+    doc = {**result, "datasets": {**{k: v for k, v in kept.items() if k not in result["datasets"]},
+                                  **result["datasets"]}}
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -447,6 +448,7 @@ def write_outputs(result: Mapping[str, Any], json_path: Path, csv_path: Path) ->
                 values = {**row, "dataset": name, "params": json.dumps(row["params"], sort_keys=True),
                           "chosen": row["setting"] == entry["chosen"]["setting"]}
                 writer.writerow([_cell(values[c]) for c in CSV_COLUMNS])
+    return doc
 
 
 def _cell(value: Any) -> Any:
@@ -467,31 +469,6 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
                f"{100 * v['detected_within_one_step']:.0f}%" if (v := entry.get("validation")) else "")
         )
     return lines
-
-
-# -- what the harness reads ---------------------------------------------------------------------
-
-
-def load_calibration(path: Path = CALIBRATION_FILE) -> dict[str, Any]:
-    """The calibration document; an empty one when the file is absent or not a calibration."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) and doc.get("format") == _FORMAT else {}
-
-
-def calibrated_setting(dataset: str, path: Path = CALIBRATION_FILE) -> tuple[str, dict[str, Any]] | None:
-    """The chosen detector and parameters of ``dataset``, or None when it was not calibrated.
-
-    A calibration measured on other data (e.g. SEA-4 from the generator while
-    the FedDrift csv is now present) does not count.
-    """
-    entry = load_calibration(path).get("datasets", {}).get(dataset)
-    if not isinstance(entry, dict) or entry.get("data") != data_key(dataset_spec(dataset)):
-        return None
-    chosen = entry["chosen"]
-    return str(chosen["detector"]), dict(chosen["params"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -530,6 +507,22 @@ def run(
                        progress=progress)
     write_outputs(result, json_path, csv_path)
     return result
+
+
+def run_from_cli(datasets: str, results: Path, say: Any) -> None:
+    """``fedge feddrift --calibrate``: the default seeds, the committed JSON, the CSV in ``results``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown dataset (one line), before anything runs.
+    """
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    for name in names:
+        dataset_spec(name)
+    csv_path = results.expanduser().resolve() / "calibration.csv"
+    result = run(names, SEEDS, CALIBRATION_FILE, csv_path, say)
+    say(f"{result['seconds']:.0f} s; wrote {CALIBRATION_FILE} and {csv_path}")
 
 
 if __name__ == "__main__":
