@@ -3,8 +3,8 @@
 For each dataset and seed, one model per concept is trained as the harness
 trains it (FedAvg of 10 clients on one step of that concept, the harness
 budget), and its 0/1 error stream, 100 samples per client-step, is fed through
-the detector the devices run (:class:`clients.monitor.DriftMonitor`, seeded as
-a device seeds it) for every setting of a grid:
+the detector the devices run (:class:`clients.monitor.DriftMonitor`, one per
+client and stream, fresh as after a model is served) for every setting of a grid:
 
 - **stationary**: steps 1..10 of the model's own concept; a client-step on
   which the detector fired at least once is a false alarm (the harness reports
@@ -16,7 +16,8 @@ a device seeds it) for every setting of a grid:
 
 Per dataset the chosen setting has the highest detection within one step among
 those with at most :data:`FALSE_ALARM_BOUND` false alarms per client-step
-(tie: fewer false alarms, then the shorter delay). The result is
+(tie: fewer false alarms, then the shorter delay); it is measured again on
+held-out seeds (other models, other data). The result is
 ``experiments/feddrift_calibration.json`` (the choice and the whole grid), and
 ``calibration.csv`` in the results folder; the harness reads the choice
 (:mod:`experiments.feddrift_detector`).
@@ -303,8 +304,8 @@ def error_rates(streams: Sequence[np.ndarray]) -> dict[str, Any]:
 def ideal_power(p0: float, p1: float, n0: int, n1: int, alpha: float = FALSE_ALARM_BOUND) -> float:
     """Power of a one-sided two-proportion z-test at level ``alpha``: ``n0`` samples at ``p0`` vs ``n1`` at ``p1``.
 
-    It knows where the change is, which no change detector does, so it bounds
-    what any test on the same samples can reach at that false-alarm rate.
+    It knows where the change is, which no change detector does: a yardstick
+    of what the samples of one client support at that false-alarm rate.
     """
     z = NormalDist().inv_cdf(1 - alpha)
     pooled = (n0 * p0 + n1 * p1) / (n0 + n1)
@@ -318,8 +319,9 @@ def power_analysis(rates: Mapping[str, Any], alpha: float = FALSE_ALARM_BOUND) -
 
     For a change at step ``k`` the test compares the ``100 (k - 1)`` pre-drift
     samples with the 100 of step ``k`` (fires at the change step) or the 200
-    of steps ``k`` and ``k + 1`` (fires at the next); detection within one step
-    lies between the larger of the two and their sum.
+    of steps ``k`` and ``k + 1`` (fires at the next); a test that looks at both
+    steps, each at the false-alarm level, detects within one step with a
+    probability between the larger of the two and their sum.
     """
     matrix = rates["matrix"]
     k = len(matrix)
