@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.feddrift_detector import detector_setting
 from fedge.contracts.config import PROJECT_ROOT
 from fedge.contracts.config_load import load_config
 from fedge.contracts.protocol import DriftReport
@@ -74,10 +75,15 @@ class Settings:
         Adam learning rate (the paper's rate).
     batch_size : int, default 16
         Local batch size.
-    detector : str, default "ADWIN"
-        The devices' river detector.
-    delta : float, default 0.002
-        ADWIN's confidence parameter (larger fires sooner and more often).
+    detector : str, optional
+        The devices' river detector; given, it overrides the calibration
+        (:func:`experiments.feddrift_detector.detector_setting`). By default
+        each dataset runs its setting in ``experiments/feddrift_calibration.json``,
+        or ADWIN with delta 0.002 when it is not calibrated.
+    delta : float, optional
+        ADWIN's confidence parameter (larger fires sooner and more often);
+        given, it overrides the calibration (with ADWIN unless ``detector``
+        names another detector).
     quorum : float, default 0.3
         ``drift-triggered``: fraction of devices whose detectors must fire.
     cooldown : int, default 3
@@ -92,8 +98,8 @@ class Settings:
     local_epochs: int = 5
     lr: float = 0.01
     batch_size: int = 16
-    detector: str = "ADWIN"
-    delta: float = 0.002
+    detector: str | None = None
+    delta: float | None = None
     quorum: float = 0.3
     cooldown: int = 3
     memory: int = 4
@@ -348,6 +354,7 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
     schedule = ConceptSchedule.from_cp_file(cp_file)
     name = f"feddrift-{_slug(task.dataset)}-{_slug(task.matrix)}-{policy}-s{task.seed}"
     spec = dataset_spec(task.dataset)
+    detector, params, _ = detector_setting(task.dataset, spec.generator, spec.params, s.detector, s.delta)
     trigger: dict[str, Any] = {"policy": "never"}
     campaign: dict[str, Any] = {
         "strategy": "fedavg",
@@ -385,8 +392,8 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
             "generator_params": spec.params,
         },
         "monitor": {
-            "detector": s.detector,
-            "params": {"delta": s.delta} if s.detector == "ADWIN" else {},
+            "detector": detector,
+            "params": params,
             "window": SAMPLES,
             "reset_window_on_drift": False,
         },
@@ -506,11 +513,14 @@ def score_detections(
 
 def run_task(task: Task) -> list[dict[str, Any]]:
     """Every policy of one (dataset, matrix, seed)."""
-    n_concepts = dataset_spec(task.dataset).n_concepts
+    spec = dataset_spec(task.dataset)
+    n_concepts = spec.n_concepts
     if task.cp_file is not None:
         cp_file, origin = task.cp_file, "given"
     else:
         cp_file, origin = matrix_file(task.matrix, n_concepts, task.folder.parent / "matrices")
+    s = task.settings
+    detector, params, setting = detector_setting(task.dataset, spec.generator, spec.params, s.detector, s.delta)
     rows = []
     for policy in task.policies:
         cpu = time.process_time()
@@ -523,6 +533,9 @@ def run_task(task: Task) -> list[dict[str, Any]]:
                 "matrix_source": origin,
                 "policy": policy,
                 "seed": task.seed,
+                "detector": detector,
+                "detector_params": params,
+                "detector_setting": setting,
                 **result,
             }
         )

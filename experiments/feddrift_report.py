@@ -73,9 +73,17 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     for i in range(len(runs[0]["accuracy_over_time"]))
                 ],
                 "seconds": float(np.mean([r["seconds"] for r in runs])),
+                "detector": _detector_label(runs[0]),
+                "detector_setting": runs[0].get("detector_setting", ""),
             }
         )
     return out
+
+
+def _detector_label(row: Mapping[str, Any]) -> str:
+    """``ADWIN(delta=0.002)``: the devices' detector of a run."""
+    params = ", ".join(f"{k}={v}" for k, v in row.get("detector_params", {}).items())
+    return f"{row['detector']}({params})" if "detector" in row else ""
 
 
 TABLE_COLUMNS = (
@@ -332,7 +340,8 @@ def render_page(out: Mapping[str, Any], bench: Benchmark, results_link: str) -> 
         lr=s.lr,
         batch_size=s.batch_size,
         models=models,
-        detector=s.detector,
+        detector=s.detector or ("ADWIN" if s.delta is not None else "detector of each dataset's calibration"
+                                " (`experiments/feddrift_calibration.json`; ADWIN, delta 0.002, where none),"),
         tolerance=DETECTION_TOLERANCE,
         matrices=", ".join(f"{d}: {m}" for d, m in cells)
         + f" (from {meta['data']['changepoints']})",

@@ -496,13 +496,14 @@ def feddrift_cmd(
         bool,
         typer.Option(help="Run the sweep over every matrix of issue 13 (experiments/feddrift_sweep.py) instead."),
     ] = False,
+    calibrate: Annotated[bool, typer.Option(help="Calibrate each dataset's detector instead.")] = False,
     jobs: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     rounds: Annotated[int, typer.Option(help="Flower rounds per campaign.")] = 5,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
     lr: Annotated[float, typer.Option(help="Local Adam learning rate.")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 16,
     cooldown: Annotated[int, typer.Option(help="drift-triggered: ticks between campaigns.")] = 3,
-    delta: Annotated[float, typer.Option(help="ADWIN delta on the devices.")] = 0.002,
+    delta: Annotated[float | None, typer.Option(help="ADWIN delta (default: calibrated).")] = None,
     results: Annotated[
         Path, typer.Option(help="Where the table and plots go.")
     ] = Path("experiments/results/feddrift"),
@@ -517,9 +518,17 @@ def feddrift_cmd(
     """The FedDrift protocol: every retraining policy on the paper's datasets and matrices."""
     import time as _time
 
+    from experiments import feddrift_report as report
     from experiments.feddrift import Benchmark, Settings, run_benchmark
-    from experiments.feddrift_report import check_targets, write_results
+    from experiments.feddrift_sweep import cell_line, sweep_command
 
+    if calibrate:
+        from experiments.feddrift_calibrate import run_from_cli
+
+        try:
+            return run_from_cli(datasets, results, console.print)
+        except ValueError as exc:
+            return _fail(str(exc))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     chosen: dict[str, str] = {}
     for item in matrix or []:
@@ -542,8 +551,6 @@ def feddrift_cmd(
     )
     results_dir = results.expanduser().resolve()
     work = (work_dir.expanduser().resolve() if work_dir else results_dir / "runs") / _time.strftime("%Y%m%d-%H%M%S")
-    from experiments.feddrift_sweep import cell_line, sweep_command
-
     if sweep:
         try:
             failed = sweep_command(results_dir, work, seeds, jobs, bench, lambda t: console.print(t, highlight=False))
@@ -564,28 +571,21 @@ def feddrift_cmd(
     try:
         rows = run_benchmark(bench, work, on_task=on_task)
     except ValueError as exc:
-        _fail(str(exc))
-        return
+        return _fail(str(exc))
     seconds = _time.perf_counter() - started
-    out = write_results(rows, results.expanduser().resolve(), seconds, bench, work)
+    out = report.write_results(rows, results.expanduser().resolve(), seconds, bench, work)
     table = Table(title=f"FedDrift protocol, {seeds} seeds, {seconds:.0f} s", title_justify="left")
-    from experiments.feddrift_report import TABLE_COLUMNS, table_rows
-
-    for col in TABLE_COLUMNS:
+    for col in report.TABLE_COLUMNS:
         table.add_column(col)
-    for row in table_rows(out["summary"]):
+    for row in report.table_rows(out["summary"]):
         table.add_row(*row)
     console.print(table)
-    for line in check_targets(out["summary"]):
+    for line in report.check_targets(out["summary"]):
         console.print(line, highlight=False)
-    import os as _os
-
-    from experiments.feddrift_report import keep_sections, render_page
-
     target = page.expanduser().resolve() if page is not None else results_dir / "feddrift.md"
-    link = _os.path.relpath(results.expanduser().resolve(), target.parent)
+    link = os.path.relpath(results.expanduser().resolve(), target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(keep_sections(render_page(out, bench, link), target))
+    target.write_text(report.keep_sections(report.render_page(out, bench, link), target))
     console.print(f"Page: {target}", highlight=False)
     console.print(f"Table and plots: {results}   runs and MLflow stores: {work}", highlight=False)
 
