@@ -577,16 +577,16 @@ class Device:
         if len(yh) == 0:
             # Nothing held out yet: weight 0, so the federated average leaves this device out.
             return {"num-examples": 0, "eval_acc": 0.0, "eval_loss": 0.0, "champion_acc": 0.0}
-        model = self._model_with(weights)
-        xs, tol = self._shaped(xh), self._tolerance()
+        model, xs, tol = self._model_with(weights), self._shaped(xh), self._tolerance()
         acc, loss = self.task.evaluate(model, xs, yh, tol)
-        champ = self.task.evaluate(self._model, xs, yh, tol)[0] if self.version > 0 else 0.0
-        return {"num-examples": len(yh), "eval_acc": acc, "eval_loss": loss, "champion_acc": champ}
+        out = {"num-examples": len(yh), "eval_acc": acc, "eval_loss": loss, "champion_acc": 0.0}
+        if self.version > 0:  # the champion on the same samples, and where exactly one of the two is right
+            wrong, theirs = self.task.errors(model, xs, yh, tol), self.task.errors(self._model, xs, yh, tol)
+            out.update(champion_acc=1.0 - float(np.mean(theirs)), discordant=float(np.mean(wrong != theirs)))
+        return out
 
     def score(self, models: Sequence[dict[str, np.ndarray]]) -> tuple[int, list[int]]:
-        """How many of the latest tick's samples each of ``models`` gets right.
-
-        For a regression task, right means within the task's tolerance.
+        """How many of the latest tick's samples each of ``models`` gets right (regression: within tolerance).
 
         Returns
         -------
@@ -597,9 +597,7 @@ class Device:
         if len(y):
             latest = (ticks == ticks.max()) & (y != UNLABELLED)
             x, y = x[latest], y[latest]
-        model = self._build()
-        xs, tol = self._shaped(x), self._tolerance()
-        correct = []
+        model, xs, tol, correct = self._build(), self._shaped(x), self._tolerance(), []
         for weights in models:
             nets.set_weights(model, weights)
             correct.append(int(len(y) - self.task.errors(model, xs, y, tol).sum()))

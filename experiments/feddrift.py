@@ -92,6 +92,11 @@ class Settings:
         ``drift-triggered``: a device whose detector fired in the last ``memory``
         ticks (after the last campaign) counts toward the quorum; devices of a
         staggered schedule drift, and fire, at different steps.
+    gate_z : float, default 1.645
+        ``drift-triggered``: a candidate is promoted only when it beats the
+        champion on the holdout by this many standard errors of the paired
+        difference (one-sided 5 %); a lead of a point or two on 100 held-out
+        samples is noise.
     """
 
     rounds: int = 5
@@ -103,6 +108,7 @@ class Settings:
     quorum: float = 0.3
     cooldown: int = 3
     memory: int = 4
+    gate_z: float = 1.645
 
 
 #: Named datasets beyond the generators' own names: river's streams with the settings the sweep uses.
@@ -379,6 +385,7 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         # followed the majority and scored below never training again.)
         trigger = {"policy": "quorum", "quorum": s.quorum, "cooldown": s.cooldown, "memory": s.memory}
         campaign["min_improvement"] = 0.0
+        campaign["gate_z"] = s.gate_z
     return {
         "scenario": {
             "name": name,

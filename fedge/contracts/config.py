@@ -243,6 +243,10 @@ class CampaignConfig:
     fewer labelled samples than this is left out of the campaign (the campaign
     record's ``too_few_labels`` names it; the device refuses a train message
     itself too). The gate evaluates on the labelled holdout only.
+
+    ``gate_z`` above 0: a candidate must also beat the champion by that many
+    standard errors of the paired accuracy difference on the holdout (a lead
+    of a point on 100 samples is noise, see :mod:`fedge.core.gate`).
     """
 
     strategy: str = field(
@@ -264,6 +268,7 @@ class CampaignConfig:
     server_lr: float = field(default=0.05, metadata=_between(1e-6, 10.0))
     holdout_every: int = field(default=5, metadata=_between(2, MAX_TICKS))
     min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
+    gate_z: float = field(default=0.0, metadata=_between(0.0, 10.0))
     initial_rounds: int = field(default=8, metadata=_between(1, MAX_ROUNDS))
     warm_start: bool = False
     compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))

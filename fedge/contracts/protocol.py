@@ -65,6 +65,8 @@ TRAIN_LOSS = "train_loss"
 EVAL_ACC = "eval_acc"
 EVAL_LOSS = "eval_loss"
 CHAMPION_ACC = "champion_acc"
+#: Fraction of held-out samples exactly one of candidate and champion gets right.
+DISCORDANT = "discordant"
 
 TICK = "tick"
 CHAMPION_VERSION = "champion-version"
@@ -155,7 +157,7 @@ LABEL_FREE_SIGNALS: tuple[str, ...] = ("input", "prediction")
 #: Metric names a device may send, per reply type.
 DEVICE_METRICS: dict[str, tuple[str, ...]] = {
     "train": (NUM_EXAMPLES, TRAIN_LOSS),
-    "evaluate": (NUM_EXAMPLES, EVAL_ACC, EVAL_LOSS, CHAMPION_ACC, *SCORE_KEYS),
+    "evaluate": (NUM_EXAMPLES, EVAL_ACC, EVAL_LOSS, CHAMPION_ACC, DISCORDANT, *SCORE_KEYS),
 }
 
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from fedge.contracts.protocol import MAX_SCORED_MODELS, DriftReport
+from fedge.core.gate import gate_margin, promotes
 from fedge.core.pool import (
     CHAMPION_ALIAS,
     Cluster,
@@ -110,6 +111,9 @@ class Orchestrator:
     min_improvement : float, default 0.0
         A candidate is promoted only if its federated accuracy exceeds that of
         the model its devices run by more than this.
+    gate_z : float, default 0.0
+        ... and by more than this many standard errors of the paired accuracy
+        difference on the holdout (:mod:`fedge.core.gate`).
     strategy : str, default "fedavg"
         Name recorded in the lineage tags.
     resume : bool, default True
@@ -142,6 +146,7 @@ class Orchestrator:
         initial_rounds: int = 8,
         participants: str = "all",
         min_improvement: float = 0.0,
+        gate_z: float = 0.0,
         strategy: str = "fedavg",
         resume: bool = True,
         warm_start: bool = True,
@@ -163,6 +168,7 @@ class Orchestrator:
         self.initial_rounds = initial_rounds
         self.participants = participants
         self.min_improvement = min_improvement
+        self.gate_z = gate_z
         self.strategy = strategy
         self.resume = resume
         self.warm_start = warm_start
@@ -537,7 +543,8 @@ class Orchestrator:
             return False
         if math.isnan(champ):
             return True
-        return cand > champ + self.min_improvement
+        margin = gate_margin(cand, champ, outcome.discordant, outcome.gate_labels, self.gate_z)
+        return promotes(cand, champ, self.min_improvement, margin)
 
     def _refused(self, tick: int, decision: Decision, reason: str) -> None:
         """Record a campaign the federation declined; said once per distinct reason."""

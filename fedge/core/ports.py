@@ -44,6 +44,8 @@ class RoundMetrics:
     eval_loss: float
     champion_acc: float
     n_devices: int
+    #: Fraction of held-out samples exactly one of candidate and champion got right (NaN: not reported).
+    discordant: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class CampaignOutcome:
     def champion_acc(self) -> float:
         """Federated accuracy of the deployed model on the same holdout."""
         return self.rounds[-1].champion_acc if self.rounds else float("nan")
+
+    @property
+    def discordant(self) -> float:
+        """Fraction of the holdout exactly one of candidate and champion got right (NaN: unknown)."""
+        return self.rounds[-1].discordant if self.rounds else float("nan")
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,7 @@ def run_server(
             initial_rounds=cfg.campaign.initial_rounds,
             participants=cfg.campaign.participants,
             min_improvement=cfg.campaign.min_improvement,
+            gate_z=cfg.campaign.gate_z,
             strategy=cfg.campaign.strategy,
             resume=cfg.run.resume,
             warm_start=cfg.campaign.warm_start,

@@ -520,6 +520,7 @@ class FlowerFederation:
                 eval_loss=_metric(ev, r, p.EVAL_LOSS),
                 champion_acc=_metric(ev, r, p.CHAMPION_ACC),
                 n_devices=len(nodes) - len(missing.get(r, set()) & set(nodes)),
+                discordant=_metric(ev, r, p.DISCORDANT),
             )
             for r in range(1, rounds + 1)
         )
