@@ -33,12 +33,14 @@ from clients.inbox import (
     OnInvalid,
     Receipt,
     _positive,
+    _targets,
     ingest,
     read_schema,
 )
 from clients.inbox_batches import _cut
 from clients.inbox_labels import read_label_file
 from clients.ingest_rows import _INT64_MAX, _Rows
+from clients.targets import CLASS, Targets
 
 
 def iter_batches(
@@ -51,7 +53,8 @@ def iter_batches(
     n_classes: int | None = None,
     strict: bool = True,
     chunk_rows: int | None = CHUNK_ROWS,
-) -> Iterator[tuple[int, Any, list[int]]]:
+    targets: Targets | None = CLASS,
+) -> Iterator[tuple[int, Any, Any]]:
     """Parse CSV or JSON lines into ``(tick, rows, labels)`` batches, reading as it goes.
 
     CSV needs a header with a ``label`` column; a ``tick`` column is optional
@@ -90,6 +93,11 @@ def iter_batches(
         See ``n_features``.
     chunk_rows : int or None, default CHUNK_ROWS
         Most rows in one yielded batch; None for no limit.
+    targets : Targets or None, default class labels
+        The kind of target to read (:mod:`clients.ingest_rows` names the columns):
+        float or vector targets are numbers, an empty cell no label. None reads
+        any numeric target, a number or a list (a folder scan, which then tells
+        the kinds apart).
 
     Yields
     ------
@@ -108,7 +116,8 @@ def iter_batches(
         raise IngestError(f"ingest: chunk_rows must be positive, got {chunk_rows}")
     name = _cut(str(name), 200)
     text, wrapper = _as_text(stream)
-    parser = _Rows(name, default_tick, n_features, n_classes, strict)
+    parser = _Rows(name, default_tick, n_features, n_classes, strict, targets)
+    arrays = targets is None or not targets.is_class
     block = CHUNK_ROWS if chunk_rows is None else min(chunk_rows, CHUNK_ROWS)
     blocks = parser.csv(text, block) if fmt == "csv" else parser.jsonl(text, block)
     pending: list[tuple[Any, list[int]]] = []
@@ -131,17 +140,17 @@ def iter_batches(
             for a, b in itertools.pairwise(edges):
                 tick = int(t[a])
                 if pending and tick != pending_tick:
-                    yield pending_tick, *_joined(pending)
+                    yield pending_tick, *_joined(pending, arrays)
                     pending, pending_rows = [], 0
                 while a < b:  # fill each batch of a tick up to chunk_rows
                     take = b - a if chunk_rows is None else min(b - a, chunk_rows - pending_rows)
                     pending.append((x[a : a + take], ys[a : a + take]))
                     pending_tick, pending_rows, a = tick, pending_rows + take, a + take
                     if chunk_rows is not None and pending_rows >= chunk_rows:
-                        yield pending_tick, *_joined(pending)
+                        yield pending_tick, *_joined(pending, arrays)
                         pending, pending_rows = [], 0
         if pending:
-            yield pending_tick, *_joined(pending)
+            yield pending_tick, *_joined(pending, arrays)
     finally:
         if wrapper is not None:
             # Leave the caller's binary stream open (a TextIOWrapper closes it when collected).
@@ -149,9 +158,11 @@ def iter_batches(
                 wrapper.detach()
 
 
-def _joined(pieces: list[tuple[Any, list[int]]]) -> tuple[Any, list[int]]:
+def _joined(pieces: list[tuple[Any, Any]], arrays: bool = False) -> tuple[Any, Any]:
     xs = [x for x, _ in pieces]
     joined_x = np.concatenate(xs) if isinstance(xs[0], np.ndarray) else [r for x in xs for r in x]
+    if arrays and all(isinstance(ys, np.ndarray) for _, ys in pieces):
+        return joined_x, np.concatenate([ys for _, ys in pieces])  # float targets, parsed a column at a time
     return joined_x, [label for _, ys in pieces for label in ys]
 
 
@@ -189,12 +200,15 @@ def ingest_file(
     n_classes: int | None = None,
     on_invalid: OnInvalid = "raise",
     chunk_rows: int = CHUNK_ROWS,
+    targets: Targets | str | None = None,
 ) -> list[Receipt]:
     """Append a CSV or JSON-lines file to the inbox at ``path``, all or nothing, reading it in chunks.
 
     Parameters are those of :func:`iter_batches` and :func:`ingest`. A new inbox
     (``n_features`` and ``n_classes`` given, no file yet) is created only if the
-    whole input is accepted.
+    whole input is accepted; ``targets`` (default class labels) is the kind of
+    target it holds (``n_classes`` may then be left out), and for an existing
+    inbox it is checked against the one recorded.
 
     Raises
     ------
@@ -202,15 +216,20 @@ def ingest_file(
         The input or the inbox was refused; the inbox is as it was.
     """
     path = Path(path)
+    kind = _targets(targets)
+    if kind is not None and not kind.is_class and n_classes is None:
+        n_classes = kind.size
     if path.exists():
         schema = read_schema(path)
         for given, have, what in ((n_features, schema.n_features, "features"), (n_classes, schema.n_classes, "classes")):
             if given is not None and int(given) != have:
                 raise IngestError(f"ingest: {path} holds rows with {have} {what}, {given} were given")
+        if kind is not None and kind != schema.targets:
+            raise IngestError(f"ingest: {path} holds {schema.targets.describe()}, {kind.describe()} were given")
     elif n_features is None or n_classes is None:
         raise IngestError(f"ingest: no inbox at {path} (a new inbox needs the row width and classes)")
     else:
-        schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"))
+        schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"), kind or CLASS)
     batches = iter_batches(
         stream,
         fmt,
@@ -220,6 +239,7 @@ def ingest_file(
         n_classes=schema.n_classes,
         strict=on_invalid == "raise",
         chunk_rows=chunk_rows,
+        targets=schema.targets,
     )
     return ingest(
         path,
@@ -228,6 +248,7 @@ def ingest_file(
         n_classes=schema.n_classes,
         on_invalid=on_invalid,
         source=name,
+        targets=schema.targets,
     )
 
 
@@ -261,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--features", type=int, help="row width (only to create a new inbox)")
     parser.add_argument("--classes", type=int, help="number of classes (only to create a new inbox)")
     parser.add_argument(
+        "--targets",
+        help="kind of target (only to create a new inbox): class (default), float (a 'label' or 'target' "
+        "column), vector:K (columns label_0 .. label_<K-1>; JSON \"y\": a list)",
+    )
+    parser.add_argument(
         "--drop-invalid",
         action="store_true",
         help="drop and count bad rows instead of refusing the whole input",
@@ -293,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_features=args.features,
             n_classes=args.classes,
             on_invalid="drop" if args.drop_invalid else "raise",
+            targets=args.targets,
         )
     except IngestError as exc:
         sys.stderr.write(f"fedge-ingest: error: {str(exc).removeprefix('ingest: ')}\n")
@@ -318,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _late_labels(args: argparse.Namespace, fmt: Literal["csv", "jsonl"], name: str, stream: IO[bytes]) -> int:
     """``fedge-ingest INBOX FILE --labels``: store late labels by sample id (all or none)."""
-    ids, labels = read_label_file(stream, fmt, name)
     with Inbox.open_existing(args.inbox) as inbox:
+        ids, labels = read_label_file(stream, fmt, name, inbox.targets)
         receipt = inbox.append_labels(
             ids, labels, tick=args.tick, on_invalid="drop" if args.drop_invalid else "raise", source=name
         )

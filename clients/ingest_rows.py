@@ -27,6 +27,7 @@ import numpy as np
 
 from clients.inbox import IngestError
 from clients.inbox_batches import _cut, _short
+from clients.targets import CLASS, Targets
 
 _MAX_LINE = 1 << 20  # a JSON line longer than this is refused, so one line cannot fill memory
 # ASCII only: Python's int()/float() also take "1_000", Arabic-Indic digits and "infinity".
@@ -49,6 +50,7 @@ def _column_re(cell: str) -> re.Pattern[str]:
 
 _FEATURE_COLUMN = _column_re(f"{_FLOAT}|{_NON_FINITE}")
 _LABEL_COLUMN = _column_re(r"(?:-?[0-9]{1,18}(?:\.0+)?)?")
+_TARGET_COLUMN = _column_re(f"(?:{_FLOAT}|{_NON_FINITE})?")
 # At most 18 digits keeps int() cheap and inside int64; longer cells take the careful path.
 _TICK_COLUMN = _column_re(r"[0-9]{1,18}")
 
@@ -75,6 +77,34 @@ class _Layout:
     tick: int | None
     features: list[int]
     where: list[str]
+    #: Every target column (one, or k for a vector target).
+    targets: tuple[int, ...] = ()
+    vector: bool = False
+
+
+def _target_columns(header: list[str], targets: Targets | None, name: str, shown: str) -> tuple[list[int], bool]:
+    """Where a float or vector target sits in a header, and whether it is a vector; or a one-line refusal."""
+    for stem in ("label", "target"):
+        if f"{stem}_0" in header:
+            m = 0
+            while f"{stem}_{m}" in header:
+                m += 1
+            if targets is not None and targets.kind != "vector":
+                raise IngestError(f"ingest: {name}: the header has vector target columns ({stem}_0 ..), "
+                                  f"the inbox holds {targets.describe()}: {shown}")
+            if targets is not None and m != targets.size:
+                raise IngestError(f"ingest: {name}: the header has {m} target columns ({stem}_0 ..), "
+                                  f"the inbox holds {targets.describe()}: {shown}")
+            return [header.index(f"{stem}_{i}") for i in range(m)], True
+    found = [c for c in ("label", "target") if c in header]
+    if not found:
+        raise IngestError(f"ingest: {name}: the header has no 'label' or 'target' column: {shown}")
+    if len(found) > 1 or header.count(found[0]) > 1:
+        raise IngestError(f"ingest: {name}: the header has two target columns: {shown}")
+    if targets is not None and targets.kind == "vector":
+        raise IngestError(f"ingest: {name}: the header has one target column {found[0]!r}, the inbox holds "
+                          f"{targets.describe()} (columns label_0 .. label_{targets.size - 1}): {shown}")
+    return [header.index(found[0])], False
 
 
 def _fits_int64(digits: str) -> bool:
@@ -99,12 +129,15 @@ class _Rows:
         n_features: int | None,
         n_classes: int | None,
         strict: bool,
+        targets: Targets | None = CLASS,
     ) -> None:
         self.name = name
         self.default_tick = default_tick
         self.n_features = n_features
         self.n_classes = n_classes
         self.strict = strict
+        #: None: any numeric target (a number or a list of numbers), as a folder scan reads them.
+        self.targets = targets
 
     def _error(self, lineno: int, where: str, message: str) -> IngestError:
         return IngestError(f"ingest: {self.name} line {lineno}{where}: {message}")
@@ -125,16 +158,22 @@ class _Rows:
             raise IngestError(f"ingest: {self.name} is empty (a header with a 'label' column is needed)")
         header = [h.strip() for h in header]
         shown = _cut(",".join(header), 80)
-        if "label" not in header:
-            raise IngestError(f"ingest: {self.name}: the header has no 'label' column: {shown}")
+        if self.targets is CLASS or (self.targets is not None and self.targets.is_class):
+            if "label" not in header:
+                raise IngestError(f"ingest: {self.name}: the header has no 'label' column: {shown}")
+            columns, vector = [header.index("label")], False
+        else:
+            columns, vector = _target_columns(header, self.targets, self.name, shown)
         for column in ("label", "tick"):
             if header.count(column) > 1:
                 raise IngestError(f"ingest: {self.name}: the header has two '{column}' columns: {shown}")
         layout = _Layout(
-            label=header.index("label"),
+            label=columns[0],
             tick=header.index("tick") if "tick" in header else None,
-            features=[i for i, h in enumerate(header) if h not in ("label", "tick")],
+            features=[i for i, h in enumerate(header) if h != "tick" and i not in columns],
             where=[f", column {i + 1} ({_cut(h, 30)})" for i, h in enumerate(header)],
+            targets=tuple(columns),
+            vector=vector,
         )
         if self.n_features is not None and len(layout.features) != self.n_features:
             raise IngestError(
@@ -170,8 +209,36 @@ class _Rows:
             ti = layout.tick
             ticks.append(self._tick(row[ti], lineno, where[ti]) if ti is not None else self._tick(None, lineno, ""))
             xs.append([self._feature_text(row[i], lineno, where[i]) for i in layout.features])
-            ys.append(self._label_text(row[layout.label], lineno, where[layout.label]))
+            if self._numeric:
+                ys.append(self._target_cells(row, layout, lineno))
+            else:
+                ys.append(self._label_text(row[layout.label], lineno, where[layout.label]))
         return lines, ticks, np.asarray(xs, dtype=np.float64).reshape(len(rows), -1), ys
+
+    @property
+    def _numeric(self) -> bool:
+        """Whether targets are read as numbers (float, vector, or a scan's any), not class labels."""
+        return self.targets is None or not self.targets.is_class
+
+    def _target_cells(self, row: list[str], layout: _Layout, lineno: int) -> Any:
+        """One row's float target (a vector: a list; all cells empty: None)."""
+        values = []
+        for i in layout.targets:
+            text = row[i].strip()
+            if not text:
+                values.append(math.nan)
+            elif _FLOAT_RE.fullmatch(text) or _NON_FINITE_RE.fullmatch(text):
+                values.append(self._target_finite(float(text), lineno, layout.where[i], text))
+            else:
+                raise self._error(lineno, layout.where[i], f"target {_short(row[i])} is not a number")
+        if all(math.isnan(v) for v in values):
+            return None
+        return values if layout.vector else values[0]
+
+    def _target_finite(self, number: float, lineno: int, where: str, text: str) -> float:
+        if self.strict and not math.isnan(number) and not (math.isfinite(number) and abs(number) <= _FLOAT32_MAX):
+            raise self._error(lineno, where, f"target {_short(text)} is not a finite 32-bit number")
+        return number
 
     def _csv_columns(
         self, rows: list[list[str]], layout: _Layout
@@ -197,6 +264,17 @@ class _Rows:
             x[:, j] = list(map(float, cells))
         if self.strict and not (np.isfinite(x) & (np.abs(x) <= _FLOAT32_MAX)).all():
             return None
+        if self._numeric:
+            y = np.empty((n, len(layout.targets)), dtype=np.float64)
+            for j, i in enumerate(layout.targets):
+                cells = [r[i] for r in rows]
+                if not _whole_column(_TARGET_COLUMN, cells):
+                    return None
+                y[:, j] = [float(c) if c.strip() else math.nan for c in cells]
+            with np.errstate(invalid="ignore"):
+                if self.strict and not (np.isnan(y) | (np.isfinite(y) & (np.abs(y) <= _FLOAT32_MAX))).all():
+                    return None
+            return ticks, x, y if layout.vector else y[:, 0]  # type: ignore[return-value]
         cells = [r[layout.label] for r in rows]
         if not _whole_column(_LABEL_COLUMN, cells):
             return None
@@ -303,7 +381,8 @@ class _Rows:
                 raise self._error(
                     lineno, ", field 'x'", f"{len(xs)} features, the inbox holds rows of {self.n_features}"
                 )
-            yield lineno, tick, xs, self._json_label(obj.get("y"), lineno)
+            y = self._json_target(obj.get("y"), lineno) if self._numeric else self._json_label(obj.get("y"), lineno)
+            yield lineno, tick, xs, y
 
     def _json_tick(self, value: object, lineno: int) -> int:
         where = ", field 'tick'"
@@ -323,6 +402,30 @@ class _Rows:
         except OverflowError:  # an integer too long for a float
             number = math.inf
         return self._finite(number, lineno, where, getattr(value, "text", None) or _short(value))
+
+    def _json_target(self, value: object, lineno: int) -> Any:
+        """A float target (a number) or a vector one (a list of numbers); None: no label."""
+        where = ", field 'y'"
+        if value is None:
+            return None
+        vector = isinstance(value, list)
+        kind = self.targets.kind if self.targets is not None else None
+        if vector and kind == "float" or not vector and kind == "vector":
+            assert self.targets is not None
+            raise self._error(lineno, where, f"{_short(value)} is not one of the inbox's {self.targets.describe()}")
+        items = value if isinstance(value, list) else [value]
+        if self.strict and kind == "vector" and self.targets is not None and len(items) != self.targets.size:
+            raise self._error(lineno, where, f"{len(items)} values, the inbox holds {self.targets.describe()}")
+        numbers = []
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise self._error(lineno, where, f"target {_short(value)} is not a number or a list of numbers")
+            try:
+                number = float(v)
+            except OverflowError:
+                number = math.inf
+            numbers.append(self._target_finite(number, lineno, where, getattr(v, "text", None) or _short(v)))
+        return numbers if vector else numbers[0]
 
     def _json_label(self, value: object, lineno: int) -> int | None:
         where = ", field 'y'"
