@@ -78,7 +78,8 @@ class SourceShape:
 
     ``targets`` is vector targets when the files hold vectors, float targets when a
     value has a fraction, and class labels when every value is a whole number (which
-    a regression may still read as numbers); ``n_classes`` is then the largest + 1.
+    a regression may still read as numbers); ``n_classes`` is then the largest + 1
+    (for float and vector targets: the values per row, 1 or ``k``).
     """
 
     n_features: int
@@ -179,7 +180,8 @@ class FolderSource:
         if width is None:
             raise IngestError(f"ingest: {self.path} holds no rows")
         targets = Targets("vector", size) if size else FLOAT if fraction else CLASS
-        return SourceShape(width, size or top + 1, ticks + 1, rows, targets)
+        # For float and vector targets, "classes" is the values per row, as an inbox records it.
+        return SourceShape(width, targets.size if not targets.is_class else top + 1, ticks + 1, rows, targets)
 
     def __repr__(self) -> str:
         return f"FolderSource({str(self.path)!r}, files={len(self.files)})"
