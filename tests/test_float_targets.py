@@ -245,6 +245,40 @@ def test_fedge_ingest_creates_a_float_inbox_and_takes_late_float_labels(
     assert err.count("\n") == 1
 
 
+def test_a_device_scores_late_vector_labels_with_the_arrival_prediction(tmp_path: Path) -> None:
+    from signing_helpers import deploy_signed, trusting
+
+    from clients.device import Device
+    from fedge.contracts import model as nets
+    from fedge.contracts.task import load_task
+
+    cfg, signer = trusting(load_config(None, ['data.source="inbox"', f"data.n_features={WIDTH}",
+                                              'model.task="smooth_pair"', "scenario.clients=1"]), tmp_path)
+    assert cfg.data.n_classes == 2, "a vector task's values per row, filled in from the task"
+    task = load_task("smooth_pair")
+    net = task.build(WIDTH, 2)
+    x_fit = np.concatenate([rows(5, t, 2)[0] for t in range(4)])
+    task.train(net, x_fit.astype(np.float32), smooth(x_fit, 0, 2), epochs=60, lr=0.02, batch_size=32, seed=0)
+    store = tmp_path / "device-0.sqlite"
+    (x0, y0), (x1, y1) = rows(0, 0, 2), rows(0, 1, 2)
+    receipts = ingest(inbox_path(store), [(0, x0, y0), (1, x1, [None] * ROWS)], n_features=WIDTH,
+                      targets="vector:2")
+    device = Device(cfg, 0, store)
+    assert device.store.targets == Targets("vector", 2)
+    assert deploy_signed(device, signer, 1, nets.get_weights(net))
+    first = device.monitor_tick(0)
+    assert first.n_scored == ROWS and first.accuracy > 0.6, first.accuracy
+    second = device.monitor_tick(1)
+    assert (second.n_samples, second.n_scored, second.labels_outstanding) == (ROWS, 0, ROWS)
+    with Inbox(inbox_path(store)) as inbox:  # the right values for half, shifted values for the other half
+        late = y1 + np.where(np.arange(ROWS) < ROWS // 2, 0.0, 3.0)[:, None]
+        inbox.append_labels(receipts[1].first_row + np.arange(ROWS), late, tick=2)
+        inbox.append(2, x1[:1], [[0.0, 0.0]])
+    third = device.monitor_tick(2)
+    assert third.late_labels == ROWS and third.labels_outstanding == 0
+    assert ROWS // 2 <= third.late_errors < ROWS // 2 + ROWS // 5, third.late_errors
+
+
 # -- folders and configuration --------------------------------------------------------------------
 def test_a_folder_scan_tells_float_vector_and_whole_number_targets_apart(tmp_path: Path) -> None:
     floats = write_float_folder(tmp_path / "f")
