@@ -233,9 +233,9 @@ def take_labels(
         ids.append(np.frombuffer(plain, dtype="<i8", count=n).astype(np.int64))
         labels.append(targets.decode(plain[8 * n :], n))
     empty = np.zeros(0, dtype=np.int64)
-    joined = [np.concatenate(a) if a else empty.copy() for a in (ticks, ids)]
+    at, names = (np.concatenate(a) if a else empty.copy() for a in (ticks, ids))
     values = np.concatenate(labels) if labels else targets.empty()
-    return LateLabels(last, *joined, values, sum(f[1] for f in failed)), failed
+    return LateLabels(last, at, names, values, sum(f[1] for f in failed)), failed
 
 
 def read_label_file(
@@ -342,7 +342,11 @@ class LabelQueue:
     _cipher: RecordCipher
     n_classes: int
     last_tick: int
-    targets: Targets
+
+    @property
+    def targets(self) -> Targets:
+        """The kind of target the inbox holds (:class:`clients.inbox.Inbox` records it)."""
+        raise NotImplementedError
 
     def _connection(self) -> sqlite3.Connection:
         raise NotImplementedError

@@ -351,7 +351,7 @@ class _Rows:
         if lines:
             yield lines, ticks, xs, ys
 
-    def _jsonl(self, text: IO[str]) -> Iterator[tuple[int, int, list[float], int]]:
+    def _jsonl(self, text: IO[str]) -> Iterator[tuple[int, int, list[float], Any]]:
         lineno = 0
         while True:
             lineno += 1

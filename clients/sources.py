@@ -368,7 +368,9 @@ def _parquet_targets(names: list[str], targets: Targets | None, file: str) -> li
             return [f"{stem}_{i}" for i in range(k)]
     if targets is not None and targets.kind == "vector":
         raise IngestError(f"ingest: {file} has no columns label_0 .. label_{targets.size - 1}")
-    found = [n for n in ("label", "target") if n in names and (n == "label" or targets is None or not targets.is_class)]
+    found: list[str] = [
+        n for n in ("label", "target") if n in names and (n == "label" or targets is None or not targets.is_class)
+    ]
     if not found:
         raise IngestError(f"ingest: {file} has no 'label' column")
     return found[:1]

@@ -265,7 +265,7 @@ class DeviceStore(ReportOutbox):
         keep = slice(-self._capacity, None)
         plaintexts = pack_rows(rows[keep], labels[keep], self._targets)
         n = len(plaintexts)
-        ids = [None] * n if samples is None else [int(i) or None for i in np.asarray(samples)[keep]]
+        ids: list[int | None] = [None] * n if samples is None else [int(i) or None for i in np.asarray(samples)[keep]]
         kept_predictions = None if predictions is None else np.asarray(predictions, np.float64)[keep]
         labelled = self._targets.labelled(labels[keep]).astype(int).tolist()
         extra = (ids, labelled, kept_predictions, int(predicted_by))

@@ -198,10 +198,8 @@ def check_values(y: Any, n_rows: int, targets: Targets) -> tuple[np.ndarray, np.
         with np.errstate(invalid="ignore"):
             good = np.isfinite(values) & (np.abs(values) <= _FLOAT32_MAX)
         nan = np.isnan(values)
-        if wanted == 2:
-            absent, good = nan.all(axis=1), good.all(axis=1)
-        else:
-            absent = nan
+        absent = np.asarray(nan.all(axis=1)) if wanted == 2 else nan
+        good = np.asarray(good.all(axis=1)) if wanted == 2 else good
         out = np.where((good | absent).reshape(-1, *([1] * (wanted - 1))), values, np.nan)
         return out.astype(np.float32).reshape(targets.shape(n_rows)), ~(good | absent)
     if arr is not None and arr.ndim == 2 and arr.dtype.kind == "b":
