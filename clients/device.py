@@ -35,7 +35,7 @@ from clients.label_free import (
 )
 from clients.monitor import DriftMonitor, MonitorStateError
 from clients.store import DeviceStore
-from clients.validation import UNLABELLED, validate_rows
+from clients.validation import validate_rows
 from fedge.contracts import model as nets
 from fedge.contracts.compression import encode_update
 from fedge.contracts.config import FedgeConfig
@@ -107,16 +107,10 @@ class Device:
         self.audit_path = (
             audit_path if audit_path is not None else Path(store_path).with_suffix(".audit.jsonl")
         )
-        self.store = DeviceStore(store_path, capacity=cfg.monitor.window)
         # The task (``model.task``) is imported here, in the device's own process.
         self.task = task_for(cfg)
-        width = self.task.n_features(self.schema.n_features)
-        if width != self.schema.n_features:
-            raise ValueError(
-                f"device {device_id}: the task's input shape "
-                f"{self.task.input_shape(width)} needs rows of {width} features; "
-                f"the inbox holds rows of {self.schema.n_features}"
-            )
+        device_data.check_schema(self.task, self.schema, device_id)  # width and target kind
+        self.store = DeviceStore(store_path, capacity=cfg.monitor.window, targets=self.schema.targets)
         self._model = self._build()
         self._generation: bytes | None = None
         self._said_no_data = False
@@ -309,7 +303,7 @@ class Device:
         if x_raw is None or y_raw is None:
             ingested, late = device_data.read_inbox(self, tick)
             if ingested is not None:
-                x_raw, y_raw = ingested.x, np.where(ingested.y == UNLABELLED, np.nan, ingested.y)
+                x_raw, y_raw = ingested.x, self.schema.targets.as_input(ingested.y)
             else:
                 if not self._said_no_data:
                     log.warning(
@@ -319,8 +313,8 @@ class Device:
                     )
                     self._said_no_data = True
                 x_raw = np.empty((0, self.schema.n_features), dtype=np.float32)
-                y_raw = np.empty(0, dtype=np.int64)
-        rows = validate_rows(x_raw, y_raw, self.schema.n_features, self.schema.n_classes)
+                y_raw = self.schema.targets.empty()
+        rows = validate_rows(x_raw, y_raw, self.schema.n_features, self.schema.n_classes, self.schema.targets)
         rejected = dict(rows.rejected)
         if ingested is not None:
             # Rows the device application's ingest dropped count as rejected here too.
@@ -507,7 +501,8 @@ class Device:
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Window split: every ``holdout_every``-th sample is held out for evaluation."""
         x, y, _ = self.store.window()
-        x, y = x[y != UNLABELLED], y[y != UNLABELLED]  # learning and the gate need labels
+        known = self.schema.targets.labelled(y)
+        x, y = x[known], y[known]  # learning and the gate need labels
         hold = np.zeros(len(y), dtype=bool)
         hold[self.cfg.campaign.holdout_every - 1 :: self.cfg.campaign.holdout_every] = True
         return x[~hold], y[~hold], x[hold], y[hold]
@@ -552,7 +547,7 @@ class Device:
         """Flat inbox rows reshaped to the task's input shape (e.g. ``(n, 1, 8, 8)``)."""
         return self.task.shaped(x, self.schema.n_features)
 
-    def _tolerance(self, fallback: np.ndarray | None = None) -> float:
+    def _tolerance(self, fallback: np.ndarray | None = None) -> Any:
         """Regression: the task's tolerance, by default half the std of the window's labels.
 
         A classifier has none (0). An empty window falls back to ``fallback``'s labels.
@@ -562,7 +557,7 @@ class Device:
         if self.task.declares_tolerance:
             return self.task.tolerance(np.zeros(0))
         _, y, _ = self.store.window()
-        y = y[y != UNLABELLED]
+        y = y[self.schema.targets.labelled(y)]
         if not len(y) and fallback is not None:
             y = fallback
         return self.task.tolerance(y)
@@ -595,7 +590,7 @@ class Device:
         """
         x, y, ticks = self.store.window()
         if len(y):
-            latest = (ticks == ticks.max()) & (y != UNLABELLED)
+            latest = (ticks == ticks.max()) & self.schema.targets.labelled(y)
             x, y = x[latest], y[latest]
         model, xs, tol, correct = self._build(), self._shaped(x), self._tolerance(), []
         for weights in models:

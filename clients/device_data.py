@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clients.inbox import Batch, Inbox, LateLabels, inbox_path
+from clients.inbox import Batch, Inbox, InboxSchema, LateLabels, inbox_path
+from fedge.contracts.task import regression_errors
 
 if TYPE_CHECKING:
     from clients.device import Device
@@ -34,12 +35,40 @@ STREAM_KEY = "label-stream"
 _STREAM_MEMORY = 64
 
 
+def check_schema(task: Any, schema: InboxSchema, device_id: int) -> None:
+    """Refuse, in one line, rows the task cannot learn from: another width or target kind.
+
+    Class labels train a classifier, and (integer-valued) a one-output regression;
+    float targets a one-output regression; vector targets of ``k`` values a
+    regression with ``N_OUTPUTS = k``.
+
+    Raises
+    ------
+    ValueError
+        The task's input shape or label kind does not fit the inbox's rows.
+    """
+    width = task.n_features(schema.n_features)
+    where = f"device {device_id}: the task {task.name or 'model'!r}"
+    if width != schema.n_features:
+        raise ValueError(
+            f"{where}'s input shape {task.input_shape(width)} needs rows of {width} features; "
+            f"the inbox holds rows of {schema.n_features}"
+        )
+    targets, outputs = schema.targets, task.n_outputs(schema.n_classes)
+    if not task.regression and not targets.is_class:
+        raise ValueError(f"{where} is a classifier (LABEL_KIND = \"class\"); the inbox holds "
+                         f"{targets.describe()}: set LABEL_KIND = \"regression\" in the task")
+    if task.regression and outputs != (targets.size if targets.kind == "vector" else 1):
+        raise ValueError(f"{where} has {outputs} outputs (N_OUTPUTS); the inbox holds {targets.describe()}")
+
+
 def _open_inbox(device: Device) -> Inbox | None:
     path = inbox_path(device.store.path)
     if not path.exists():
         return None
     schema = device.schema
-    return Inbox(path, n_features=schema.n_features, n_classes=schema.n_classes, key_file=device.store.key_path)
+    return Inbox(path, n_features=schema.n_features, n_classes=schema.n_classes, targets=schema.targets,
+                 key_file=device.store.key_path)
 
 
 def read_inbox(device: Device, tick: int) -> tuple[Batch | None, LateLabels | None]:
@@ -82,10 +111,10 @@ def prune_inbox(device: Device, batch: Batch | None, labels: LateLabels | None) 
             inbox.prune_labels(labels.last_id)
 
 
-def mistakes(task: Any, predicted: np.ndarray, y: np.ndarray, tolerance: float) -> np.ndarray:
+def mistakes(task: Any, predicted: np.ndarray, y: np.ndarray, tolerance: Any) -> np.ndarray:
     """The 0/1 errors of predictions against labels, as :meth:`Task.errors` counts them."""
     if task.regression:
-        return (np.abs(np.asarray(y, dtype=np.float64) - predicted) > tolerance).astype(np.int8)
+        return regression_errors(y, predicted, tolerance)
     return (np.asarray(predicted) != y).astype(np.int8)
 
 
@@ -137,7 +166,7 @@ def apply_late_labels(device: Device, labels: LateLabels | None, tick: int) -> L
     tally = LabelTally(stream_errors=np.zeros(0, dtype=np.int8))
     if labels is None or not len(labels.ids):
         return tally
-    outcomes = device.store.label(labels.ids.tolist(), labels.labels.tolist())
+    outcomes = device.store.label(labels.ids.tolist(), list(labels.labels))
     stream = set(stream_versions(device))
     tolerance = device._tolerance()
     refused: Counter[str] = Counter()

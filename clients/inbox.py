@@ -69,7 +69,6 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -79,11 +78,14 @@ import numpy as np
 from clients.crypto import RecordAuthenticationError
 from clients.inbox_batches import (
     UNLABELLED,
+    Batch,
     BatchInput,
     InboxSchema,
     IngestError,
     OnInvalid,
+    Receipt,
     Staging,
+    _no_rejects,
     _positive,
     stage,
 )
@@ -102,7 +104,7 @@ from clients.inbox_seal import (
     seal_in_place,
     upgrade_to_ids,
 )
-from clients.validation import REJECT_REASONS
+from clients.targets import CLASS, Targets
 
 SIDECAR_SUFFIXES: tuple[str, ...] = ("-wal", "-shm", "-journal")
 """Files SQLite may keep beside an inbox; they hold samples too."""
@@ -125,7 +127,7 @@ _SCHEMA = (
     ),
     LABELS_TABLE,
 )
-__all__ = ["UNLABELLED", "LabelReceipt", "LateLabels", "_positive"]  # re-exported
+__all__ = ["UNLABELLED", "Batch", "LabelReceipt", "LateLabels", "Receipt", "_positive"]  # re-exported
 log = logging.getLogger("fedge.device")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -134,74 +136,6 @@ def inbox_path(store_path: Path) -> Path:
     """The inbox beside a device store: ``device-3.sqlite`` -> ``device-3.inbox.sqlite``."""
     store_path = Path(store_path)
     return store_path.with_name(store_path.stem + INBOX_SUFFIX)
-
-
-def _no_rejects() -> dict[str, int]:
-    return {**{reason: 0 for reason in REJECT_REASONS}, "total": 0}
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What :meth:`Inbox.append` stored.
-
-    Parameters
-    ----------
-    batch_id : int
-        Id of the stored batch (increasing).
-    tick : int
-        Tick of the batch.
-    accepted : int
-        Rows stored.
-    rejected : dict of str to int
-        Rows dropped per reason (only with ``on_invalid="drop"``) and ``"total"``.
-    first_row : int, default 0
-        Sample id of the batch's first input row: row ``k`` of the input (kept or
-        dropped) is sample ``first_row + k``, the id a late label names
-        (:meth:`Inbox.append_labels`).
-    rows : int, default 0
-        Input rows, kept or dropped (the ids ``first_row .. first_row + rows - 1``).
-    """
-
-    batch_id: int
-    tick: int
-    accepted: int
-    rejected: dict[str, int] = field(default_factory=_no_rejects)
-    first_row: int = 0
-    rows: int = 0
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rows a device took from its inbox.
-
-    Parameters
-    ----------
-    last_batch_id : int
-        Id of the newest batch included (the reader's next cursor); 0 if none.
-    x : numpy.ndarray
-        ``float32`` rows, shape ``(n, n_features)``.
-    y : numpy.ndarray
-        ``int64`` labels, shape ``(n,)``; :data:`UNLABELLED` for a row without one.
-    rejected : dict of str to int
-        Rows dropped at ingest, per reason, and ``"total"``.
-    unauthenticated : int
-        Rows of batches whose sealed bytes failed authentication (changed on
-        disk): skipped, never read as data.
-    ids : numpy.ndarray, optional
-        ``int64`` sample id of each row (0: a row stored before inboxes gave ids).
-    """
-
-    last_batch_id: int
-    x: np.ndarray
-    y: np.ndarray
-    rejected: dict[str, int]
-    unauthenticated: int = 0
-    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    @property
-    def empty(self) -> bool:
-        """Whether no batch was taken."""
-        return self.last_batch_id == 0
 
 
 # -- checking and staging a call's batches ---------------------------------------------------
@@ -218,7 +152,13 @@ class Inbox(LabelQueue):
     n_features : int, optional
         Row width. Needed when the file is new; checked against the file otherwise.
     n_classes : int, optional
-        Number of classes (labels ``0 .. n_classes - 1``); as ``n_features``.
+        Number of classes (labels ``0 .. n_classes - 1``); as ``n_features``. For
+        float or vector targets it is the values per row and may be left out.
+    targets : Targets or str, optional
+        The kind of target the rows hold (:mod:`clients.targets`): class labels
+        (the default for a new inbox, and what an inbox written before target
+        kinds existed holds), ``"float"`` or ``"vector:<k>"``. Recorded when the
+        inbox is created; checked against the file otherwise.
     key_file : Path, optional
         The device key that seals the batches; by default the key file of the
         store beside the inbox (created ``0600`` if there is none yet).
@@ -226,8 +166,9 @@ class Inbox(LabelQueue):
     Raises
     ------
     IngestError
-        The file is not an inbox, its schema differs from the one given, the key
-        file cannot be used, or the inbox was sealed under another key.
+        The file is not an inbox, its schema (width, classes, target kind) differs
+        from the one given, the key file cannot be used, or the inbox was sealed
+        under another key.
 
     See Also
     --------
@@ -241,11 +182,18 @@ class Inbox(LabelQueue):
         *,
         n_features: int | None = None,
         n_classes: int | None = None,
+        targets: Targets | str | None = None,
         key_file: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._created = False
+        wanted = _targets(targets)
+        if wanted is not None and not wanted.is_class:
+            if n_classes is not None and n_classes != wanted.size:
+                raise IngestError(f"ingest: {wanted.describe()} hold {wanted.size} value(s) per row, "
+                                  f"n_classes={n_classes} was given")
+            n_classes = wanted.size
         self.key_path, self._cipher = open_cipher(self.path, key_file)
         if not self.path.exists():
             if n_features is None or n_classes is None:
@@ -277,6 +225,7 @@ class Inbox(LabelQueue):
                         "last_tick": "-1",
                         "last_row": "0",
                         "key_check": key_check(self._cipher),
+                        "targets": (wanted or CLASS).meta,
                     }
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", stored.items())
                 elif stored["format"] == PLAIN_FORMAT:
@@ -288,13 +237,21 @@ class Inbox(LabelQueue):
             if stored["format"] == PLAIN_FORMAT:
                 # The clear pages were rewritten in the WAL; fold them into the file now.
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._schema = InboxSchema(int(stored["n_features"]), int(stored["n_classes"]))
+            try:
+                held = Targets.parse(stored.get("targets"))
+            except ValueError:
+                raise IngestError(f"ingest: {self.path} is not a fedge ingest inbox (targets)") from None
+            self._schema = InboxSchema(int(stored["n_features"]), int(stored["n_classes"]), held)
         except sqlite3.DatabaseError as exc:
             self._discard()
             raise IngestError(f"ingest: {self.path} is not a usable inbox ({exc})") from exc
         except BaseException:
             self._discard()
             raise
+        if wanted is not None and wanted != self.targets:
+            self.close()
+            raise IngestError(f"ingest: {self.path} holds {self.targets.describe()}, "
+                              f"{wanted.describe()} were given; nothing was stored")
         for given, have, what in (
             (n_features, self.n_features, "features"),
             (n_classes, self.n_classes, "classes"),
@@ -336,6 +293,11 @@ class Inbox(LabelQueue):
         """Number of classes recorded in the inbox (labels ``0 .. n_classes - 1``)."""
         return self._schema.n_classes
 
+    @property
+    def targets(self) -> Targets:
+        """The kind of target the rows hold (class labels for an inbox written before kinds existed)."""
+        return self._schema.targets
+
     # -- writing -----------------------------------------------------------------------------
     def append(
         self,
@@ -355,8 +317,10 @@ class Inbox(LabelQueue):
         x : array-like
             Feature rows, ``(n, n_features)``.
         y : array-like
-            One integer label per row (booleans are not labels); ``None`` or NaN for
-            a row whose label is not known (yet): it is stored, never rejected.
+            One target per row, of the inbox's kind: an integer class label
+            (booleans are not labels), a number, or a list of ``k`` numbers;
+            ``None`` or NaN for a row whose label is not known (yet): it is
+            stored, never rejected.
         on_invalid : {"raise", "drop"}, default "raise"
             Refuse a batch with a bad row, or drop and count the bad rows.
         source : str, default ""
@@ -467,7 +431,7 @@ class Inbox(LabelQueue):
         for batch_id, tick, n, xb, yb, rej, first in rows:
             last = int(batch_id)
             try:
-                x, y, at = open_batch(self._cipher, batch_id, tick, n, xb, yb, self.n_features)
+                x, y, at = open_batch(self._cipher, batch_id, tick, n, xb, yb, self.n_features, self.targets)
             except RecordAuthenticationError as exc:
                 unauthenticated += int(n)
                 log.warning(
@@ -481,7 +445,7 @@ class Inbox(LabelQueue):
             for key, value in json.loads(rej).items():
                 rejected[key] = rejected.get(key, 0) + int(value)
         x = np.concatenate(xs) if xs else np.zeros((0, self.n_features), dtype=np.float32)
-        y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+        y = np.concatenate(ys) if ys else self.targets.empty()
         sample_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         return Batch(last, x, y, rejected, unauthenticated, sample_ids)
 
@@ -540,7 +504,8 @@ class Inbox(LabelQueue):
         self.close()
 
     def __repr__(self) -> str:
-        return f"Inbox(path={str(self.path)!r}, n_features={self.n_features}, n_classes={self.n_classes})"
+        kind = "" if self.targets.is_class else f", targets={self.targets.meta!r}"
+        return f"Inbox(path={str(self.path)!r}, n_features={self.n_features}, n_classes={self.n_classes}{kind})"
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -581,6 +546,16 @@ def _check_origin(conn: sqlite3.Connection, path: Path, source: str) -> None:
                           "from this call was stored")
 
 
+def _targets(given: Targets | str | None) -> Targets | None:
+    """``given`` as :class:`Targets` (None: not given); a name that is no kind is one line."""
+    if given is None or isinstance(given, Targets):
+        return given
+    try:
+        return Targets.parse(given)
+    except ValueError as exc:
+        raise IngestError(f"ingest: {exc}") from None
+
+
 def read_schema(path: Path) -> InboxSchema:
     """The schema an existing inbox was created with.
 
@@ -602,6 +577,7 @@ def ingest(
     on_invalid: OnInvalid = "raise",
     source: str = "",
     key_file: Path | None = None,
+    targets: Targets | str | None = None,
 ) -> list[Receipt]:
     """Append ``batches`` to the inbox at ``path`` (all or none), creating it only if they are accepted.
 
@@ -612,13 +588,17 @@ def ingest(
     batches : iterable of (tick, x, y)
         As for :meth:`Inbox.append_many`; may be a generator of any length.
     n_features, n_classes : int, optional
-        The schema; needed when there is no inbox yet, checked against it otherwise.
+        The schema; needed when there is no inbox yet, checked against it otherwise
+        (``n_classes`` may be left out for float or vector targets).
     on_invalid : {"raise", "drop"}, default "raise"
         As for :meth:`Inbox.append`.
     source : str, default ""
         Kept with each batch.
     key_file : Path, optional
         The device key that seals the batches (see :class:`Inbox`).
+    targets : Targets or str, optional
+        The kind of target (see :class:`Inbox`); recorded by the write that
+        creates the inbox, checked against it otherwise.
 
     Returns
     -------
@@ -631,15 +611,18 @@ def ingest(
         The input was refused; an inbox that did not exist still does not.
     """
     path = Path(path)
+    kind = _targets(targets)
     if path.exists():
-        with Inbox(path, n_features=n_features, n_classes=n_classes, key_file=key_file) as inbox:
+        with Inbox(path, n_features=n_features, n_classes=n_classes, targets=kind, key_file=key_file) as inbox:
             return inbox.append_many(batches, on_invalid=on_invalid, source=source)
+    if kind is not None and not kind.is_class:
+        n_classes = kind.size if n_classes is None else n_classes
     if n_features is None or n_classes is None:
         raise IngestError(f"ingest: no inbox at {path} (a new inbox needs the row width and classes)")
-    schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"))
+    schema = InboxSchema(_positive(n_features, "n_features"), _positive(n_classes, "n_classes"), kind or CLASS)
     with stage(batches, schema, on_invalid, -1, CHUNK_ROWS) as staged:
         inbox = Inbox(
-            path, n_features=schema.n_features, n_classes=schema.n_classes, key_file=key_file
+            path, n_features=schema.n_features, n_classes=schema.n_classes, targets=kind, key_file=key_file
         )
         try:
             receipts = inbox._commit(staged, source)

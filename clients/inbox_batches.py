@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 import numpy as np
 
 from clients.crypto import RecordCipher, new_key
+from clients.targets import CLASS, Targets
 from clients.validation import REJECT_REASONS, UNLABELLED, validate_rows
 
 OnInvalid = Literal["raise", "drop"]
@@ -31,6 +32,10 @@ _REASON_TEXT = {
     "wrong_width": "wrong number of features",
     "non_finite": "a feature is NaN, infinite or not a number",
     "unknown_label": "the label is not one of the device's classes",
+}
+_TARGET_TEXT = {
+    "float": "the target is not a finite 32-bit number",
+    "vector": "the target is not a list of {k} finite 32-bit numbers",
 }
 __all__ = ["UNLABELLED"]  # re-exported: the label an inbox keeps for a row without one
 _INT64_MAX = 2**63 - 1
@@ -54,11 +59,88 @@ class InboxSchema:
     n_features : int
         Row width.
     n_classes : int
-        Number of classes; labels are ``0 .. n_classes - 1``.
+        Number of classes; labels are ``0 .. n_classes - 1``. For float or vector
+        targets, the values per row (1, or the vector's length).
+    targets : Targets, default class labels
+        The kind of target each row holds (:mod:`clients.targets`).
     """
 
     n_features: int
     n_classes: int
+    targets: Targets = CLASS
+
+    def __repr__(self) -> str:
+        kind = "" if self.targets.is_class else f", targets={self.targets.meta!r}"
+        return f"InboxSchema(n_features={self.n_features}, n_classes={self.n_classes}{kind})"
+
+
+def _no_rejects() -> dict[str, int]:
+    return {**{reason: 0 for reason in REJECT_REASONS}, "total": 0}
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What :meth:`clients.inbox.Inbox.append` stored.
+
+    Parameters
+    ----------
+    batch_id : int
+        Id of the stored batch (increasing).
+    tick : int
+        Tick of the batch.
+    accepted : int
+        Rows stored.
+    rejected : dict of str to int
+        Rows dropped per reason (only with ``on_invalid="drop"``) and ``"total"``.
+    first_row : int, default 0
+        Sample id of the batch's first input row: row ``k`` of the input (kept or
+        dropped) is sample ``first_row + k``, the id a late label names
+        (:meth:`clients.inbox.Inbox.append_labels`).
+    rows : int, default 0
+        Input rows, kept or dropped (the ids ``first_row .. first_row + rows - 1``).
+    """
+
+    batch_id: int
+    tick: int
+    accepted: int
+    rejected: dict[str, int] = field(default_factory=_no_rejects)
+    first_row: int = 0
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows a device took from its inbox.
+
+    Parameters
+    ----------
+    last_batch_id : int
+        Id of the newest batch included (the reader's next cursor); 0 if none.
+    x : numpy.ndarray
+        ``float32`` rows, shape ``(n, n_features)``.
+    y : numpy.ndarray
+        The targets: ``int64`` class labels ``(n,)`` (:data:`UNLABELLED` for a row
+        without one), or ``float32`` values ``(n,)`` / ``(n, k)`` (NaN: none).
+    rejected : dict of str to int
+        Rows dropped at ingest, per reason, and ``"total"``.
+    unauthenticated : int
+        Rows of batches whose sealed bytes failed authentication (changed on
+        disk): skipped, never read as data.
+    ids : numpy.ndarray, optional
+        ``int64`` sample id of each row (0: a row stored before inboxes gave ids).
+    """
+
+    last_batch_id: int
+    x: np.ndarray
+    y: np.ndarray
+    rejected: dict[str, int]
+    unauthenticated: int = 0
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def empty(self) -> bool:
+        """Whether no batch was taken."""
+        return self.last_batch_id == 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +148,7 @@ class _Checked:
     tick: int
     n: int
     x: bytes
-    #: int64 labels (UNLABELLED for none), then the int64 input position of each row.
+    #: The targets (clients.targets.Targets.encode), then the int64 input position of each row.
     y: bytes
     rejected: str
     #: Rows in the input, kept or dropped (each one is given a sample id).
@@ -89,7 +171,7 @@ def _check_batch(
         raise IngestError(f"ingest: tick must be a non-negative integer (64-bit), got {_short(tick)}")
     tick = int(tick)
     try:
-        rows = validate_rows(x, y, schema.n_features, schema.n_classes)
+        rows = validate_rows(x, y, schema.n_features, schema.n_classes, schema.targets)
     except (TypeError, ValueError, OverflowError) as exc:
         message = str(exc).removeprefix("validate_rows: ")
         raise IngestError(
@@ -97,24 +179,36 @@ def _check_batch(
         ) from None
     if rows.rejected["total"] and on_invalid == "raise":
         row, reason = _first_bad_row(x, y, schema)
+        kind = schema.targets.kind
+        text = _TARGET_TEXT[kind] if reason == "unknown_label" and kind in _TARGET_TEXT else _REASON_TEXT[reason]
+        if reason == "unknown_label" and kind == "class" and _fraction(y[row]):
+            text = (f"the label {_short(y[row])} is not a class index (the inbox holds class labels; "
+                    'float targets need an inbox created with targets="float")')
         raise IngestError(
-            f"ingest: tick {tick}, row {row}: {_REASON_TEXT[reason]}; "
+            f"ingest: tick {tick}, row {row}: {text.format(k=schema.targets.size)}; "
             "nothing from this batch was stored"
         )
     xs = np.ascontiguousarray(rows.x, dtype=np.float32).reshape(-1, schema.n_features)
-    ys = np.ascontiguousarray(rows.y, dtype=np.int64)
-    labels_and_positions = ys.tobytes() + np.ascontiguousarray(rows.index, dtype=np.int64).tobytes()
+    ys = rows.y
+    labels_and_positions = schema.targets.encode(ys) + np.ascontiguousarray(rows.index, dtype=np.int64).tobytes()
     n_in = rows.n_accepted + rows.rejected["total"]
     return _Checked(
         tick, len(ys), xs.tobytes(), labels_and_positions, json.dumps(dict(rows.rejected)), n_in
     )
 
 
+def _fraction(value: object) -> bool:
+    """Whether ``value`` is a finite number with a fraction (a float target, not a class)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, float | np.floating):
+        return False
+    return bool(np.isfinite(value)) and not float(value).is_integer()
+
+
 def _first_bad_row(
     x: np.ndarray | Sequence[Any], y: np.ndarray | Sequence[Any], schema: InboxSchema
 ) -> tuple[int, str]:
     for i, (row, label) in enumerate(zip(x, y, strict=True)):
-        single = validate_rows([row], [label], schema.n_features, schema.n_classes)
+        single = validate_rows([row], [label], schema.n_features, schema.n_classes, schema.targets)
         for reason in REJECT_REASONS:
             if single.rejected[reason]:
                 return i, reason

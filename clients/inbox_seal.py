@@ -35,6 +35,7 @@ from clients.crypto import (
     load_or_create_key,
 )
 from clients.inbox_batches import IngestError
+from clients.targets import CLASS, Targets
 
 SEALED_FORMAT = "fedge-ingest-inbox/3"
 V2_FORMAT = "fedge-ingest-inbox/2"
@@ -106,12 +107,21 @@ def seal_batch(
 
 
 def open_batch(
-    cipher: RecordCipher, batch_id: int, tick: int, n: int, x: bytes, y: bytes, width: int
+    cipher: RecordCipher,
+    batch_id: int,
+    tick: int,
+    n: int,
+    x: bytes,
+    y: bytes,
+    width: int,
+    targets: Targets = CLASS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features ``(n, width)``, labels ``(n,)`` and input positions ``(n,)`` of a sealed batch.
+    """Features ``(n, width)``, targets and input positions ``(n,)`` of a sealed batch.
 
-    The label part holds the int64 labels, then (format 3) the int64 position of each
-    row in the input it came with; a format-2 batch gives positions ``0 .. n - 1``.
+    The label part holds the targets (int64 class labels, or float32 values: see
+    :class:`clients.targets.Targets`), then (format 3) the int64 position of each
+    row in the input it came with; a format-2 batch (class labels only) gives
+    positions ``0 .. n - 1``.
 
     Raises
     ------
@@ -120,11 +130,13 @@ def open_batch(
         have the row count it is stored with.
     """
     xb, yb = cipher.open_many([x, y], [_aad(batch_id, tick, n, b"x"), _aad(batch_id, tick, n, b"y")])
-    if len(xb) != 4 * width * n or len(yb) not in (8 * n, 16 * n):
+    size = targets.itemsize * n
+    with_positions = len(yb) == size + 8 * n
+    if len(xb) != 4 * width * n or not (with_positions or (targets.is_class and len(yb) == size)):
         raise RecordAuthenticationError("the batch's contents do not have its row count")
-    parts = np.frombuffer(yb, dtype=np.int64)
-    positions = parts[n:] if len(yb) == 16 * n else np.arange(n, dtype=np.int64)
-    return np.frombuffer(xb, dtype=np.float32).reshape(n, width), parts[:n], positions
+    labels = targets.decode(yb[:size], n)
+    positions = np.frombuffer(yb, dtype="<i8", offset=size).astype(np.int64) if with_positions else np.arange(n, dtype=np.int64)
+    return np.frombuffer(xb, dtype=np.float32).reshape(n, width), labels, positions
 
 
 def upgrade_to_ids(conn: sqlite3.Connection, inbox: Path) -> None:

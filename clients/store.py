@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -44,7 +44,6 @@ from clients.crypto import (
     tighten,
 )
 from clients.store_format import (
-    NO_LABEL,
     SIDECAR_SUFFIXES,
     UnusableStoreError,
     label_samples,
@@ -54,10 +53,12 @@ from clients.store_format import (
     pack_rows,
     seal_samples,
     set_meta,
+    stored_targets,
     unpack_arrays,
     unpack_rows,
 )
 from clients.store_outbox import ReportOutbox
+from clients.targets import Targets
 
 logger = logging.getLogger("fedge.device")
 
@@ -121,6 +122,7 @@ class DeviceStore(ReportOutbox):
         n_features: int | None = None,
         outbox_capacity: int = OUTBOX_CAPACITY,
         key_file: str | Path | None = None,
+        targets: Targets | None = None,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
             raise TypeError(f"store.capacity must be an int, got {capacity!r}")
@@ -162,9 +164,19 @@ class DeviceStore(ReportOutbox):
                 f"n_features={n_features} was requested"
             )
         self._n_features: int | None = int(stored) if stored is not None else n_features
+        held = self._get_meta("targets")
+        self._targets = stored_targets(self._connection()) if held is not None or targets is None else targets
+        if targets is not None and targets != self._targets:
+            self.close()
+            raise ValueError(
+                f"store: {self._path} holds samples with {self._targets.describe()}, "
+                f"{targets.describe()} were requested"
+            )
         with self._transaction() as conn:
             if stored is None and n_features is not None:
                 set_meta(conn, "n_features", str(n_features))
+            if held is None:
+                set_meta(conn, "targets", self._targets.meta)
             self._trim(conn)
 
     @property
@@ -187,6 +199,11 @@ class DeviceStore(ReportOutbox):
         """Width of a sample row, or ``None`` until the first append."""
         return self._n_features
 
+    @property
+    def targets(self) -> Targets:
+        """The kind of target the samples carry."""
+        return self._targets
+
     def append(
         self,
         x: np.ndarray,
@@ -205,7 +222,8 @@ class DeviceStore(ReportOutbox):
             Feature rows, shape ``(n, n_features)`` (a 1-D array is one row); stored as
             ``float32``.
         y
-            Integer labels, shape ``(n,)``; ``-1`` for a row without a label (yet).
+            Targets of the store's kind: integer labels, shape ``(n,)``, ``-1`` for a row
+            without a label (yet); or float values ``(n,)`` / ``(n, k)``, NaN for none.
         tick
             Time step the samples arrived at, recorded for every row.
         samples, default=None
@@ -221,19 +239,19 @@ class DeviceStore(ReportOutbox):
         ------
         ValueError
             If the shapes disagree with each other or with ``n_features``, or the labels
-            are not integers.
+            are not of the store's kind (integers for class labels).
         """
         rows = np.asarray(x, dtype=np.float32)
         if rows.ndim == 1:
             rows = rows.reshape(1, -1)
-        labels = np.asarray(y).reshape(-1)
+        labels = np.asarray(y).reshape(self._targets.shape(-1))
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise ValueError(f"store.append: x must have shape (n, n_features), got {rows.shape}")
         if labels.shape[0] != rows.shape[0]:
             raise ValueError(
                 f"store.append: x has {rows.shape[0]} rows but y has {labels.shape[0]} labels"
             )
-        if labels.dtype.kind not in "biu":
+        if labels.dtype.kind not in ("biu" if self._targets.is_class else "biuf"):
             raise ValueError(f"store.append: y must hold integer labels, got dtype {labels.dtype}")
         width = int(rows.shape[1])
         if self._n_features is not None and width != self._n_features:
@@ -245,11 +263,12 @@ class DeviceStore(ReportOutbox):
             return
 
         keep = slice(-self._capacity, None)
-        plaintexts = pack_rows(rows[keep], labels[keep])
+        plaintexts = pack_rows(rows[keep], labels[keep], self._targets)
         n = len(plaintexts)
-        ids = [None] * n if samples is None else [int(i) or None for i in np.asarray(samples)[keep]]
-        kept_predictions = None if predictions is None else np.asarray(predictions, np.float64)[keep].tolist()
-        extra = (ids, (labels[keep] != NO_LABEL).astype(int).tolist(), kept_predictions, int(predicted_by))
+        ids: list[int | None] = [None] * n if samples is None else [int(i) or None for i in np.asarray(samples)[keep]]
+        kept_predictions = None if predictions is None else np.asarray(predictions, np.float64)[keep]
+        labelled = self._targets.labelled(labels[keep]).astype(int).tolist()
+        extra = (ids, labelled, kept_predictions, int(predicted_by))
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('n_features', ?)", (str(width),)
@@ -274,7 +293,8 @@ class DeviceStore(ReportOutbox):
         x : numpy.ndarray
             ``float32`` of shape ``(n, n_features)``.
         y : numpy.ndarray
-            ``int64`` labels of shape ``(n,)``.
+            ``int64`` labels of shape ``(n,)`` (``float32`` ``(n,)`` or ``(n, k)`` for
+            float or vector targets).
         ticks : numpy.ndarray
             ``int64`` arrival ticks of shape ``(n,)``.
 
@@ -293,14 +313,14 @@ class DeviceStore(ReportOutbox):
         width = self._n_features or 0
         if not rows:
             empty = np.zeros(0, dtype=np.int64)
-            return np.zeros((0, width), dtype=np.float32), empty, empty.copy()
+            return np.zeros((0, width), dtype=np.float32), self._targets.empty(), empty
         try:
-            plain = open_records(self._cipher, rows, width)
+            plain = open_records(self._cipher, rows, width, self._targets)
         except UnusableStoreError as exc:
             raise RecordAuthenticationError(
                 f"store {self._path}: {exc}; it is moved aside when next opened"
             ) from None
-        x, y = unpack_rows(plain, width, len(rows))
+        x, y = unpack_rows(plain, width, len(rows), self._targets)
         return x, y, np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
 
     def __len__(self) -> int:
@@ -314,7 +334,7 @@ class DeviceStore(ReportOutbox):
             (count,) = self._connection().execute("SELECT COUNT(*) FROM samples WHERE labelled").fetchone()
         return int(count)
 
-    def label(self, samples: Iterable[int], labels: Iterable[int]) -> list[tuple[str, int, float, int]]:
+    def label(self, samples: Iterable[int], labels: Iterable[Any]) -> list[tuple[str, int, Any, int]]:
         """Give stored samples their late labels, by inbox sample id, in one transaction.
 
         Returns, per label, ``(status, tick, prediction, predicted_by)``: ``"ok"``,
@@ -324,7 +344,8 @@ class DeviceStore(ReportOutbox):
         """
         with self._transaction() as conn:
             return label_samples(
-                conn, self._cipher, self._n_features or 0, [int(s) for s in samples], [int(v) for v in labels]
+                conn, self._cipher, self._n_features or 0, [int(s) for s in samples],
+                [int(v) for v in labels] if self._targets.is_class else list(labels), self._targets,
             )
 
     def drop_before(self, tick: int) -> int:

@@ -17,8 +17,9 @@ import logging
 import sqlite3
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from clients.crypto import (
     private_file,
     tighten,
 )
+from clients.targets import CLASS, Targets
 
 logger = logging.getLogger("fedge.device")
 
@@ -38,6 +40,8 @@ _FORMAT = "fedge.device_store"
 # Version 3 keeps, per row, its inbox sample id, whether it has a label yet, and the
 # prediction the deployed model made when it arrived (sealed), so a late label is
 # scored with the model of the sample's arrival; version-2 rows are labelled rows.
+# The meta key ``targets`` (clients.targets) says what a record's label part holds:
+# absent (every store written before target kinds existed) means an int64 class label.
 _FORMAT_VERSION = "3"
 _READABLE_VERSIONS = ("1", "2", _FORMAT_VERSION)
 SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
@@ -45,10 +49,10 @@ SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     (
-        # record: AES-GCM of the row's float32 features and int64 label; id and tick
+        # record: AES-GCM of the row's float32 features and its target; id and tick
         # stay in the clear (trimming needs them) and are bound to the record.
         # sample: the inbox's sample id (NULL: none); labelled: 0 until a label is known;
-        # prediction: AES-GCM of the arrival model's float64 prediction (version
+        # prediction: AES-GCM of the arrival model's float64 prediction(s) (version
         # predicted_by, 0: no model then).
         "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY,"
         " tick INTEGER NOT NULL, record BLOB NOT NULL, sample INTEGER,"
@@ -71,10 +75,8 @@ _SAMPLE_AD = b"fedge.sample\x00"
 _PREDICTION_AD = b"fedge.prediction\x00"
 #: The label of a row that has none yet (as :data:`clients.validation.UNLABELLED`).
 NO_LABEL = -1
-_PREDICTION = struct.Struct("<d")
 _KEY_CHECK_AD = b"fedge.key-check\x00"
 _ID_TICK = struct.Struct("<qq")
-_LABEL = struct.Struct("<q")
 
 
 class UnusableStoreError(Exception):
@@ -160,7 +162,7 @@ def _unlock(
         if rows and width is None:
             raise UnusableStoreError("sample records but no row width")
         if rows:
-            open_records(cipher, rows, int(width or 0))
+            open_records(cipher, rows, int(width or 0), stored_targets(conn))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -223,9 +225,19 @@ def _seal_plaintext_rows(conn: sqlite3.Connection, cipher: RecordCipher) -> None
     conn.execute("DROP TABLE samples_plaintext")
 
 
-def open_records(cipher: RecordCipher, rows: list[tuple[int, int, bytes]], width: int) -> bytes:
+def stored_targets(conn: sqlite3.Connection) -> Targets:
+    """The kind of target the store's records hold (class labels when it says none)."""
+    try:
+        return Targets.parse(read_meta(conn, "targets"))
+    except ValueError as exc:
+        raise UnusableStoreError(f"unknown targets ({exc})") from None
+
+
+def open_records(
+    cipher: RecordCipher, rows: list[tuple[int, int, bytes]], width: int, targets: Targets = CLASS
+) -> bytes:
     """The plaintexts of sealed sample ``rows`` (id, tick, record), joined."""
-    size = 4 * width + _LABEL.size
+    size = 4 * width + targets.itemsize
     try:
         opened = cipher.open_many(
             [row[2] for row in rows], [sample_ad(row[0], row[1]) for row in rows]
@@ -284,7 +296,7 @@ def seal_samples(
     cipher: RecordCipher,
     plaintexts: list[bytes],
     tick: int,
-    extra: tuple[list[int | None], list[int], list[float] | None, int] | None = None,
+    extra: tuple[list[int | None], list[int], np.ndarray | None, int] | None = None,
 ) -> tuple[int, int]:
     """Seal and insert packed sample rows of ``tick``; returns the ids before and at the end.
 
@@ -302,8 +314,9 @@ def seal_samples(
     samples, labelled, predictions, version = extra or ([None] * n, [1] * n, None, 0)
     predicted: list[bytes | None] = [None] * n
     if predictions is not None and version > 0:
+        values = np.asarray(predictions, dtype="<f8").reshape(n, -1)
         predicted = list(cipher.seal_many(
-            [_PREDICTION.pack(float(v)) for v in predictions],
+            [row.tobytes() for row in values],
             [_PREDICTION_AD + _ID_TICK.pack(i, tick) for i in ids],
         ))
     else:
@@ -318,16 +331,21 @@ def seal_samples(
 
 
 def label_samples(
-    conn: sqlite3.Connection, cipher: RecordCipher, width: int, sample_ids: list[int], labels: list[int]
-) -> list[tuple[str, int, float, int]]:
+    conn: sqlite3.Connection,
+    cipher: RecordCipher,
+    width: int,
+    sample_ids: list[int],
+    labels: Sequence[Any],
+    targets: Targets = CLASS,
+) -> list[tuple[str, int, Any, int]]:
     """Give stored rows their late labels (the caller holds the write transaction).
 
     Returns, per label in order, ``(status, tick, prediction, predicted_by)``: status
     ``"ok"``, ``"unknown"`` (no such row in the window: never stored, or pruned) or
     ``"labelled"`` (the row has a label already); the arrival model's prediction
-    (NaN without one) and its version (0: none).
+    (a float, or an array for a vector target; NaN without one) and its version (0: none).
     """
-    out: list[tuple[str, int, float, int]] = []
+    out: list[tuple[str, int, Any, int]] = []
     for sample, label in zip(sample_ids, labels, strict=True):
         row = conn.execute(
             "SELECT id, tick, record, labelled, predicted_by, prediction FROM samples"
@@ -342,14 +360,17 @@ def label_samples(
             out.append(("labelled", int(tick), float("nan"), 0))
             continue
         plain = bytearray(open_records(cipher, [(record_id, tick, record)], width))
-        plain[4 * width :] = _LABEL.pack(int(label))
+        plain[4 * width :] = targets.encode(np.asarray(label).reshape(targets.shape(1)))
         resealed = cipher.seal(bytes(plain), sample_ad(record_id, tick))
         conn.execute("UPDATE samples SET record = ?, labelled = 1 WHERE id = ?", (resealed, record_id))
-        prediction = float("nan")
+        prediction: Any = float("nan")
         if version and sealed_prediction is not None:
             try:
                 opened = cipher.open(bytes(sealed_prediction), _PREDICTION_AD + _ID_TICK.pack(record_id, tick))
-                (prediction,) = _PREDICTION.unpack(opened)
+                if not opened or len(opened) % 8:
+                    raise struct.error("not float64 values")
+                got = np.frombuffer(opened, dtype="<f8").astype(np.float64)
+                prediction = float(got[0]) if len(got) == 1 else got
             except (RecordAuthenticationError, struct.error):
                 logger.warning("device store: the arrival prediction of row %d failed authentication", record_id)
                 version = 0
@@ -357,22 +378,26 @@ def label_samples(
     return out
 
 
-def pack_rows(rows: np.ndarray, labels: np.ndarray) -> list[bytes]:
-    """One plaintext per row: little-endian float32 features, then the int64 label."""
+def pack_rows(rows: np.ndarray, labels: np.ndarray, targets: Targets = CLASS) -> list[bytes]:
+    """One plaintext per row: little-endian float32 features, then its target.
+
+    The target is the int64 class label, or the row's float32 value(s)
+    (:meth:`clients.targets.Targets.encode`).
+    """
     n, width = rows.shape
-    packed = np.empty((n, 4 * width + _LABEL.size), dtype=np.uint8)
+    packed = np.empty((n, 4 * width + targets.itemsize), dtype=np.uint8)
     packed[:, : 4 * width] = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8).reshape(n, -1)
-    packed[:, 4 * width :] = np.ascontiguousarray(labels, dtype="<i8").view(np.uint8).reshape(n, -1)
+    packed[:, 4 * width :] = np.frombuffer(targets.encode(labels), dtype=np.uint8).reshape(n, -1)
     raw = packed.tobytes()
     size = packed.shape[1]
     return [raw[i * size : (i + 1) * size] for i in range(n)]
 
 
-def unpack_rows(plain: bytes, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def unpack_rows(plain: bytes, width: int, n: int, targets: Targets = CLASS) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`pack_rows` over the joined plaintexts."""
-    packed = np.frombuffer(plain, dtype=np.uint8).reshape(n, 4 * width + _LABEL.size)
+    packed = np.frombuffer(plain, dtype=np.uint8).reshape(n, 4 * width + targets.itemsize)
     x = np.ascontiguousarray(packed[:, : 4 * width]).view("<f4").astype(np.float32)
-    y = np.ascontiguousarray(packed[:, 4 * width :]).view("<i8").reshape(n).astype(np.int64)
+    y = targets.decode(np.ascontiguousarray(packed[:, 4 * width :]).tobytes(), n)
     return x, y
 
 

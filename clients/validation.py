@@ -13,14 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from clients.targets import CLASS, UNLABELLED, Targets, check_values
+
 REJECT_REASONS: tuple[str, ...] = ("wrong_width", "non_finite", "unknown_label")
 """Why a row can be rejected, in the order the checks run; a row counts under the first."""
-UNLABELLED = -1
-"""The label a row without one is kept with (in :class:`ValidatedRows`, the inbox and the store).
-
-A row comes without a label when its label is ``None`` or NaN: it is valid, never
-rejected, and waits for a late label (or none) in the device's window.
-"""
 
 _NUMERIC_KINDS = frozenset("biuf")
 _LABEL_KINDS = frozenset("iuf")
@@ -36,8 +32,9 @@ class ValidatedRows:
         Feature matrix of the accepted rows, ``float32`` with shape ``(m, n_features)``,
         in the order the rows arrived.
     y
-        Labels of the accepted rows, ``int64`` with shape ``(m,)``; :data:`UNLABELLED`
-        for a row that came without one.
+        Targets of the accepted rows: class labels ``int64`` with shape ``(m,)``
+        (:data:`UNLABELLED` for a row that came without one), or float targets
+        ``float32`` ``(m,)`` / vector targets ``float32`` ``(m, k)`` (NaN: none).
     rejected
         Rejected row counts with the keys ``"non_finite"``, ``"wrong_width"``,
         ``"unknown_label"`` and ``"total"`` (the sum of the other three).
@@ -48,6 +45,8 @@ class ValidatedRows:
     rejected: dict[str, int]
     #: Position of each accepted row in the input (a row's sample id is counted from it).
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: The kind of target ``y`` holds.
+    targets: Targets = CLASS
 
     @property
     def n_accepted(self) -> int:
@@ -57,11 +56,15 @@ class ValidatedRows:
     @property
     def labelled(self) -> np.ndarray:
         """Mask of the accepted rows that carry a label."""
-        return self.y != UNLABELLED
+        return self.targets.labelled(self.y)
 
 
 def validate_rows(
-    x: np.ndarray | Sequence[Any], y: np.ndarray | Sequence[Any], n_features: int, n_classes: int
+    x: np.ndarray | Sequence[Any],
+    y: np.ndarray | Sequence[Any],
+    n_features: int,
+    n_classes: int,
+    targets: Targets = CLASS,
 ) -> ValidatedRows:
     """Keep the rows with the expected width, finite features and a known label.
 
@@ -84,7 +87,12 @@ def validate_rows(
     n_features
         Expected row width, at least 1.
     n_classes
-        Number of classes, at least 1.
+        Number of classes, at least 1 (not read for float or vector targets).
+    targets : Targets, default class labels
+        The kind of target ``y`` holds (:mod:`clients.targets`). Float targets are
+        one number per row, vector targets ``k`` numbers (a ``(n, k)`` array or one
+        sequence per row); ``None`` or NaN (a vector of NaN) is no target, and a
+        non-finite or partly missing target is ``"unknown_label"``.
 
     Returns
     -------
@@ -94,8 +102,9 @@ def validate_rows(
     Raises
     ------
     ValueError
-        If ``n_features`` or ``n_classes`` is not positive, or if ``x`` and ``y`` do not
-        hold the same number of rows.
+        If ``n_features`` or ``n_classes`` is not positive, if ``x`` and ``y`` do not
+        hold the same number of rows, or if ``y`` as a whole holds targets of another
+        kind or length (e.g. vectors of 3 values for class labels).
     TypeError
         If ``x`` or ``y`` is not a sequence, or ``n_features`` or ``n_classes`` is not an int.
 
@@ -123,7 +132,10 @@ def validate_rows(
         raise ValueError(f"validate_rows: x has {n_rows} rows but y has {n_labels} labels")
 
     features, wrong_width, non_finite = _check_features(x, n_rows, int(n_features))
-    labels, unknown_label = _check_labels(y, n_rows, int(n_classes))
+    if targets.is_class:
+        labels, unknown_label = _check_labels(y, n_rows, int(n_classes))
+    else:
+        labels, unknown_label = check_values(y, n_rows, targets)
 
     non_finite &= ~wrong_width
     unknown_label &= ~(wrong_width | non_finite)
@@ -140,6 +152,7 @@ def validate_rows(
         y=np.ascontiguousarray(labels[keep]),
         rejected=rejected,
         index=np.flatnonzero(keep).astype(np.int64),
+        targets=targets,
     )
 
 
@@ -235,6 +248,8 @@ def _check_labels(y: Any, n_rows: int, n_classes: int) -> tuple[np.ndarray, np.n
     if isinstance(y, np.ndarray) and arr is not None and arr.ndim == 2 and arr.shape[1] == 1:
         # Only a NumPy column vector: in a list, ``[1]`` is a malformed label, not a 1.
         arr = arr[:, 0]
+    if isinstance(y, np.ndarray) and arr is not None and arr.ndim == 2 and arr.dtype.kind in "iuf" and n_rows:
+        raise ValueError(f"validate_rows: y holds vectors of {arr.shape[1]} values per row, the inbox holds class labels")
     # Booleans are not class labels ("true" is not class 1), so only ints and floats.
     if arr is not None and arr.ndim == 1 and arr.dtype.kind in _LABEL_KINDS:
         absent = np.zeros(n_rows, dtype=bool)

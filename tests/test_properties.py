@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.validation import validate_rows
+from clients.validation import UNLABELLED, validate_rows
 from fedge.contracts.config import ConfigError
 from fedge.contracts.config_load import from_dict, parse_override
 from fedge.contracts.protocol import REPORT_FIELDS, DriftReport
@@ -84,4 +84,4 @@ def test_any_rows_are_split_into_kept_and_counted(x: list, data: st.DataObject) 
     assert out.x.dtype == np.float32 and out.y.dtype == np.int64
     assert len(out.y) + out.rejected["total"] == len(x), "every row is kept or counted"
     assert all(math.isfinite(v) for v in out.x.ravel())
-    assert set(out.y.tolist()) <= {0, 1}
+    assert set(out.y.tolist()) <= {0, 1, UNLABELLED}, "a class, or no label (NaN)"

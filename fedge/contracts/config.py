@@ -27,7 +27,7 @@ The file layout mirrors the dataclasses below::
     [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
-    [data]                source, path, module, n_features, n_classes
+    [data]                source, path, module, n_features, n_classes, target
     [model]               task, hidden, layers
     [tracking]            uri, experiment, model_name
     [run]                 output_dir, resume, reply_timeout, workers
@@ -347,7 +347,16 @@ class DataConfig:
     of ``(tick, x, y)``; ``scenario.clients`` and ``scenario.ticks`` as configured.
     ``"inbox"``: each device's own application fills its inbox (``fedge-ingest``,
     :mod:`clients.ingest`); fedge writes nothing into it, and ``n_features`` and
-    ``n_classes`` must be given.
+    ``n_classes`` must be given (``n_classes`` only for a classifier).
+
+    ``target`` is the kind of target the rows hold (:mod:`clients.targets`):
+    ``"auto"`` (the default) takes the task's, class labels for a classifier,
+    float targets for a regression with one output and vector targets for one
+    with ``N_OUTPUTS = k``; ``"class"`` keeps whole-number labels as classes even
+    for a one-output regression. Data whose targets do not fit the task (numbers
+    with a fraction for a classifier, vectors of another length) is refused when
+    the configuration is loaded. For float and vector targets ``n_classes`` is
+    the number of values per row (1, or ``k``), filled in from the task.
     """
 
     source: str = field(default="scenario", metadata=_choice("scenario", "folder", "python", "inbox"))
@@ -355,6 +364,7 @@ class DataConfig:
     module: str = ""
     n_features: int = field(default=0, metadata=_between(0, MAX_FEATURES))
     n_classes: int = field(default=0, metadata=_between(0, MAX_CLASSES))
+    target: str = field(default="auto", metadata=_choice("auto", "class", "float", "vector"))
 
 
 @dataclass(frozen=True)

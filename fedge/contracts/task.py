@@ -19,15 +19,21 @@ What a task module provides
 ``INPUT_DTYPE`` : str, optional
     A ``torch`` floating dtype name, default ``"float32"``.
 ``N_OUTPUTS`` : int, optional
-    Number of classes (or regression outputs); default: the scenario's classes.
+    Number of classes (or regression outputs); default: the scenario's classes
+    (1 for a regression).
 ``LABEL_KIND`` : {"class", "regression"}, optional
     Default ``"class"``: labels are class indices, the model returns one logit
     per class. ``"regression"``: labels are numbers, the model returns one
-    value per sample (shape ``(n,)`` or ``(n, 1)``).
+    value per sample (shape ``(n,)`` or ``(n, 1)``), or with ``N_OUTPUTS = k``
+    above 1 a vector of ``k`` values (shape ``(n, k)``, vector targets). The
+    devices' own data holds targets of that kind: float targets for one
+    output, vector targets of ``k`` values (see :mod:`clients.targets`);
+    integer-valued class labels also train a one-output regression.
 ``TOLERANCE`` : float, optional
     Regression only. A prediction is *correct* when ``|y - y_hat| <=
-    TOLERANCE``; default half the standard deviation of the labels the device
-    holds (its window). The drift monitor's error stream is
+    TOLERANCE`` (for a vector: every value within it); default half the
+    standard deviation of the labels the device holds (its window; per
+    output for a vector). The drift monitor's error stream is
     ``|y - y_hat| > tolerance`` (still 0/1), and every "accuracy" fedge
     reports for a regression task (tick accuracy, ``eval_acc``, the champion's
     accuracy) is the fraction of samples within the tolerance.
@@ -172,7 +178,7 @@ class Task:
         if callable(own):
             return own
         if self.regression:
-            return lambda out, target: nn.functional.mse_loss(out.reshape(-1), target)
+            return lambda out, target: nn.functional.mse_loss(out.reshape(target.shape), target)
         return nn.functional.cross_entropy
 
     def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +245,8 @@ class Task:
         with torch.no_grad():
             out = model(torch.as_tensor(x, dtype=self.dtype))
         if self.regression:
-            return out.reshape(len(x), -1)[:, 0].numpy().astype(np.float32)
+            values = out.reshape(len(x), -1).numpy().astype(np.float32)
+            return values[:, 0] if values.shape[1] == 1 else values
         return out.argmax(dim=1).numpy().astype(np.int64)
 
     @property
@@ -247,29 +254,35 @@ class Task:
         """True when the task module sets ``TOLERANCE``."""
         return self._attr("TOLERANCE") is not None
 
-    def tolerance(self, labels: np.ndarray) -> float:
+    def tolerance(self, labels: np.ndarray) -> Any:
         """Regression: how far off a prediction may be and still count as correct (0 for a classifier).
 
         ``TOLERANCE`` when the task declares it, else half the standard deviation
         of ``labels`` (the device's window); never below a tiny positive floor.
+        For vector targets ``(n, k)`` the default is one tolerance per output
+        (an array of ``k``).
         """
         if not self.regression:
             return 0.0
         declared = self._attr("TOLERANCE")
         if declared is not None:
             return float(declared)
+        labels = np.asarray(labels, dtype=np.float64)
+        if labels.ndim == 2:
+            std = np.std(labels, axis=0) if len(labels) else np.zeros(labels.shape[1])
+            return np.maximum(0.5 * std, 1e-6)
         std = float(np.std(labels)) if len(labels) else 0.0
         return max(0.5 * std, 1e-6)
 
-    def errors(self, model: nn.Module, x: np.ndarray, y: np.ndarray, tolerance: float) -> np.ndarray:
+    def errors(self, model: nn.Module, x: np.ndarray, y: np.ndarray, tolerance: Any) -> np.ndarray:
         """The 0/1 error stream the drift monitor reads (1 = wrong)."""
         pred = self.predict(model, x)
         if self.regression:
-            return (np.abs(np.asarray(y, dtype=np.float64) - pred) > tolerance).astype(np.int8)
+            return regression_errors(y, pred, tolerance)
         return (pred != y).astype(np.int8)
 
     def evaluate(
-        self, model: nn.Module, x: np.ndarray, y: np.ndarray, tolerance: float = 0.0
+        self, model: nn.Module, x: np.ndarray, y: np.ndarray, tolerance: Any = 0.0
     ) -> tuple[float, float]:
         """Accuracy (regression: fraction within ``tolerance``) and mean loss."""
         own = self._attr("evaluate")
@@ -287,6 +300,17 @@ class Task:
             loss = float(self._loss()(out, yt).item())
         acc = 1.0 - float(self.errors(model, x, y, tolerance).mean())
         return acc, loss
+
+
+def regression_errors(y: np.ndarray, predicted: np.ndarray, tolerance: Any) -> np.ndarray:
+    """1 where a regression's prediction is off by more than ``tolerance`` (a vector: any value).
+
+    ``tolerance`` is a number, or one per output for vector targets ``(n, k)``.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64).reshape(y.shape)
+    wrong = np.abs(y - predicted) > tolerance
+    return (wrong.any(axis=1) if wrong.ndim == 2 else wrong).astype(np.int8)
 
 
 _CACHE: dict[tuple[str, int, int], Task] = {}
@@ -386,7 +410,11 @@ def check_task(task: Task, n_features: int, n_classes: int) -> None:
             f"({_one_line(exc)})"
         ) from None
     got = tuple(getattr(out, "shape", ()))
-    wanted = ((2,), (2, 1)) if task.regression else ((2, outputs),)
+    if task.regression:
+        wanted = ((2,), (2, 1)) if outputs == 1 else ((2, outputs),)
+    else:
+        wanted = ((2, outputs),)
     if got not in wanted:
-        what = "one value per sample" if task.regression else f"{outputs} logits per sample"
+        what = f"{outputs} logits per sample" if not task.regression else (
+            "one value per sample" if outputs == 1 else f"{outputs} values per sample (N_OUTPUTS)")
         raise TaskError(f"{where}: the model returns shape {got} for 2 samples; expected {what}")

@@ -189,4 +189,5 @@ def feed_user_data(
         n_features=data.n_features,
         n_classes=data.n_classes,
         through_tick=last,
+        targets=data.targets,
     )

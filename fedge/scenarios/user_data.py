@@ -8,6 +8,11 @@ in the run summary are the ones the devices detected.
 
 A folder holds one entry per device, ``device-0``, ``device-1``, ... with no gap: a
 folder of files or one file (see :mod:`clients.sources` for the formats).
+
+The rows' targets are of the task's kind (``data.target = "auto"``): class labels
+for a classifier, float targets for a one-output regression, vector targets of
+``k`` values for a regression with ``N_OUTPUTS = k`` (:mod:`clients.targets`). A
+folder whose files hold targets the task cannot learn from is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clients.sources import SUFFIXES, Batch, DataSource, FolderSource
+from clients.targets import CLASS, FLOAT, Targets, for_task
 
 if TYPE_CHECKING:
     from fedge.contracts.config import FedgeConfig
@@ -86,6 +92,50 @@ def _module(name: str) -> ModuleType:
         raise DataError(f"data.module: {name!r} cannot be imported ({type(exc).__name__}: {exc})") from None
 
 
+def data_targets(cfg: FedgeConfig) -> Targets:
+    """The kind of target the devices' own rows hold, as :func:`shaped_config` resolved it."""
+    data = cfg.data
+    if data.target == "vector":
+        return Targets("vector", max(int(data.n_classes), 1))
+    return FLOAT if data.target == "float" else CLASS
+
+
+def _wanted_targets(cfg: FedgeConfig) -> Targets:
+    """The targets the task learns from, and ``data.target`` if given; one line if they disagree."""
+    from fedge.contracts.task import TaskError, task_for
+
+    try:
+        task = task_for(cfg)
+    except TaskError as exc:
+        raise DataError(str(exc)) from None
+    learns = for_task(task.regression, task.n_outputs(1))
+    given, name = cfg.data.target, repr(task.name) if task.name else "fedge's MLP"
+    if given == "auto" or given == learns.kind:
+        return learns
+    if given == "class" and learns.kind == "float":
+        return CLASS  # whole-number labels, read as numbers by a one-output regression
+    if not task.regression:
+        raise DataError(f'data.target: "{given}" targets need a regression task; the task {name} is a classifier '
+                        '(LABEL_KIND = "class")')
+    raise DataError(f'data.target: "{given}" targets do not fit the task {name}, which learns '
+                    f"{learns.describe()} (N_OUTPUTS = {task.n_outputs(1)})")
+
+
+def _fits(found: Targets, wanted: Targets, cfg: FedgeConfig) -> None:
+    """Refuse, in one line, files whose targets the task cannot learn from."""
+    # Whole numbers are classes, or the values of a one-output regression.
+    if found == wanted or (found.is_class and wanted.kind != "vector"):
+        return
+    name = repr(cfg.model.task) if cfg.model.task else "fedge's MLP"
+    if wanted.is_class:
+        fix = 'a task with LABEL_KIND = "regression"'
+        what = f"the task {name} is a classifier (LABEL_KIND = \"class\")"
+    else:
+        fix = f"N_OUTPUTS = {found.size} in the task" if found.kind == "vector" else "targets of the task's kind"
+        what = f"the task {name} learns {wanted.describe()}"
+    raise DataError(f"data.path: the devices' files hold {found.describe()}, but {what}; use {fix}")
+
+
 def shaped_config(cfg: FedgeConfig) -> FedgeConfig:
     """``cfg`` with what its data determines filled in: device count, ticks, width, classes.
 
@@ -103,13 +153,16 @@ def shaped_config(cfg: FedgeConfig) -> FedgeConfig:
         if data.path or data.module:
             raise DataError('data.path / data.module: only read with data.source = "folder" / "python"')
         return cfg
+    wanted = _wanted_targets(cfg)
     if data.source == "inbox":
+        if not wanted.is_class and data.n_classes < 1:
+            data = dataclasses.replace(data, n_classes=wanted.size)
         if data.n_features < 1 or data.n_classes < 1:
             raise DataError(
                 'data.n_features / data.n_classes: required with data.source = "inbox" '
                 "(the width and classes of the rows the device applications ingest)"
             )
-        return cfg
+        return dataclasses.replace(cfg, data=data)
     if data.source == "python":
         if not data.module:
             raise DataError('data.module: required with data.source = "python"')
@@ -118,17 +171,23 @@ def shaped_config(cfg: FedgeConfig) -> FedgeConfig:
             raise DataError(f"data.module: {data.module!r} has no source(device_id) function")
         width = data.n_features or int(getattr(module, "N_FEATURES", 0) or 0)
         classes = data.n_classes or int(getattr(module, "N_CLASSES", 0) or 0)
+        classes = classes if wanted.is_class else wanted.size
         if width < 1 or classes < 1:
             raise DataError(
                 f"data.module: {data.module!r} declares no N_FEATURES / N_CLASSES; "
                 "set them there or in data.n_features / data.n_classes"
             )
-        return dataclasses.replace(cfg, data=dataclasses.replace(data, n_features=width, n_classes=classes))
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(data, n_features=width, n_classes=classes, target=wanted.kind)
+        )
     if not data.path:
         raise DataError('data.path: required with data.source = "folder"')
     root = Path(data.path).expanduser().resolve()
-    if data.n_features and data.n_classes:
-        return dataclasses.replace(cfg, data=dataclasses.replace(data, path=str(root)))
+    if data.n_features and (data.n_classes or not wanted.is_class):
+        classes = data.n_classes if wanted.is_class else wanted.size
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(data, path=str(root), n_classes=classes, target=wanted.kind)
+        )
     entries = device_entries(root)
     from clients.inbox import IngestError
 
@@ -139,13 +198,21 @@ def shaped_config(cfg: FedgeConfig) -> FedgeConfig:
     widths = {s.n_features for s in shapes}
     if len(widths) > 1:
         raise DataError(f"data.path: the devices' rows have different widths {sorted(widths)}")
+    found = {s.targets for s in shapes}
+    vectors = {t.size for t in found if t.kind == "vector"}
+    if len(vectors) > 1 or (vectors and len(found) > 1):
+        raise DataError(f"data.path: the devices' files hold targets of different kinds: "
+                        f"{', '.join(sorted(t.describe() for t in found))}")
+    _fits(found.pop() if len(found) == 1 else FLOAT, wanted, cfg)
     width = data.n_features or widths.pop()
-    classes = data.n_classes or max(s.n_classes for s in shapes)
+    classes = (data.n_classes or max(s.n_classes for s in shapes)) if wanted.is_class else wanted.size
     ticks = max(s.n_ticks for s in shapes)
     return dataclasses.replace(
         cfg,
         scenario=dataclasses.replace(cfg.scenario, clients=len(entries), ticks=ticks),
-        data=dataclasses.replace(data, path=str(root), n_features=width, n_classes=max(classes, 1)),
+        data=dataclasses.replace(
+            data, path=str(root), n_features=width, n_classes=max(classes, 1), target=wanted.kind
+        ),
     )
 
 
@@ -167,6 +234,7 @@ class UserData:
         self.n_steps = cfg.scenario.ticks
         self.n_features = cfg.data.n_features
         self.n_classes = cfg.data.n_classes
+        self.targets = data_targets(cfg)
 
     def source(self, device: int) -> DataSource:
         """Device ``device``'s stream (none with ``data.source = "inbox"``: it feeds itself)."""
@@ -177,7 +245,7 @@ class UserData:
             entries = device_entries(Path(data.path))
             if device >= len(entries):
                 raise DataError(f"data.path: {data.path} has no device-{device}")
-            return FolderSource(entries[device])
+            return FolderSource(entries[device], self.targets)
         module = _module(data.module)
         return _Stream(module.source(device), f"{data.module}.source({device})")
 
