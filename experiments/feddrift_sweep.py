@@ -48,9 +48,9 @@ def sweep_tasks(
     seeds: int,
     policies: Sequence[str],
     settings: Settings,
-    cells: Sequence[tuple[str, str]] = SWEEP,
+    cells: Sequence[tuple[str, str]] | None = None,
 ) -> list[Task]:
-    """One task per cell and seed, seed-major: every cell's seed 0 runs before any seed 1."""
+    """One task per cell (default :data:`SWEEP`) and seed, seed-major: every cell's seed 0 runs before any seed 1."""
     return [
         Task(
             d,
@@ -61,7 +61,7 @@ def sweep_tasks(
             settings,
         )
         for seed in range(seeds)
-        for d, m in cells
+        for d, m in (SWEEP if cells is None else cells)
     ]
 
 
@@ -107,8 +107,13 @@ def run_sweep(
     done = 0
     if jobs <= 1:
         for t in todo:
+            try:
+                rows = run_task(t)
+            except Exception as exc:  # noqa: BLE001 (as below: reported, the others still run)
+                failed.append(f"{t.dataset}/{t.matrix} seed {t.seed}: {type(exc).__name__}: {exc}")
+                continue
             done += 1
-            land(run_task(t))
+            land(rows)
         return load_rows(results), failed
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:

@@ -85,3 +85,32 @@ def test_a_regenerated_table_keeps_the_pages_hand_written_sections(tmp_path: Pat
     assert new.startswith("# new table") and "old table" not in new
     assert new.endswith(f"{KEPT_MARKER}\n## Sweep\nfigures\n")
     assert keep_sections("# t\n", tmp_path / "absent.md") == "# t\n"
+
+
+def test_the_sweep_command_lands_every_cell_and_names_a_failed_one_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app as cli
+
+    monkeypatch.setattr(sweep, "SWEEP", (("sine2", "random-1"), ("circle2", "random-2")))
+
+    def fake(task: Task) -> list[dict[str, Any]]:
+        if task.dataset == "circle2" and task.seed == 1:
+            raise RuntimeError("device 3 replied with an error")
+        return _rows(task)
+
+    monkeypatch.setattr(sweep, "run_task", fake)
+    results = tmp_path / "results"
+    args = ["feddrift", "--sweep", "--seeds", "2", "--jobs", "1", "--results", str(results)]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 2, out.output
+    assert "1 sweep cell(s) failed: circle2/random-2 seed 1: RuntimeError: device 3 replied" in out.output
+    assert "Traceback" not in out.output
+    assert "[3/4] " in out.output, "progress per cell"
+    assert len(sweep.load_rows(results)) == 3 * 5, "the cells that ran are kept"
+    assert (results / "sweep.md").is_file() and (results / "sweep.png").is_file()
+    monkeypatch.setattr(sweep, "run_task", _rows)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "[4/4] circle2/random-2 seed 1" in again.output, again.output
