@@ -291,7 +291,7 @@ accuracy is sample-weighted over clients and averaged over test steps 1..10.
 | `never` | trains once at step 0 |
 | `window` | one model, retrained every step on the latest step (the paper's FedAvg baseline) |
 | `oracle` | one model per true concept; each client trains and is served by the model of its concept at step t (the reference: it knows the concepts, not the future) |
-| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fire, at most once every {cooldown_plus} steps; the candidate is promoted only if it beats the champion on the devices' held-out samples |
+| `drift-triggered` | one model, retrained (all devices, warm start) only when at least {quorum:.0%} of the devices' detectors fired within the last {memory} steps (after the last campaign), at most once every {cooldown_plus} steps; the candidate is promoted only if it beats the champion on the devices' held-out samples by more than {gate_z:g} standard errors of the paired difference |
 | `drift-clustered` | several models: a device that no model in the pool fits about as well as that model fits its other devices (a z-test on the accuracy gap at the scores' binomial noise; a firing detector lowers the bar) gets a new model; a device moves to a model that fits its latest data clearly better; models that fit each other's devices equally are merged; every cluster trains on its own devices, all clusters of a tick in the same round slots (`fedge/core/clustering.py`) |
 
 Training budget, the same for every policy: {rounds} Flower rounds per
@@ -335,6 +335,8 @@ def render_page(out: Mapping[str, Any], bench: Benchmark, results_link: str) -> 
     intro = PAGE_INTRO.format(
         quorum=s.quorum,
         cooldown_plus=s.cooldown + 1,
+        memory=s.memory,
+        gate_z=s.gate_z,
         rounds=s.rounds,
         local_epochs=s.local_epochs,
         lr=s.lr,
