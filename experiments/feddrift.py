@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -422,6 +423,11 @@ def run_policy(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     folder = task.folder / policy
+    if folder.exists():
+        # A run cut short leaves its devices' inboxes and stores behind; feeding and
+        # running over them would start from its state. Every run starts clean.
+        log.info("feddrift: clearing the unfinished run in %s", folder)
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     scenario_path = folder / "scenario.toml"
     scenario_path.write_text(to_toml(scenario_table(task, policy, cp_file)))

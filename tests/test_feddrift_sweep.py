@@ -114,3 +114,16 @@ def test_the_sweep_command_lands_every_cell_and_names_a_failed_one_in_one_line(
     monkeypatch.setattr(sweep, "run_task", _rows)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "[4/4] circle2/random-2 seed 1" in again.output, again.output
+
+
+def test_a_cell_rerun_over_a_run_cut_short_starts_from_clean_devices(tmp_path: Path) -> None:
+    from experiments.feddrift import run_task
+
+    task = sweep.sweep_tasks(tmp_path / "work", 1, ("never",), Settings(), [("sine2", "random-3")])[0]
+    clean = run_task(task)[0]
+    stale = task.folder / "never" / "devices" / "leftover"
+    stale.write_text("a run cut short")
+    again = run_task(task)[0]
+    assert not stale.exists(), "nothing of the earlier run is left in the policy's folder"
+    assert again["accuracy"] == clean["accuracy"]
+    assert again["accuracy_over_time"] == clean["accuracy_over_time"]
