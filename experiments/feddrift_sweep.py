@@ -242,7 +242,7 @@ def sweep_targets(summary: Sequence[Mapping[str, Any]], seeds: int = 3) -> list[
             + f" -> {verdict}"
         )
     below = [
-        f"{s['dataset']}/{s['matrix']} ({s['triggered_vs_never'][0]:+.1f})"
+        f"{s['dataset']}/{s['matrix']} ({s['triggered_vs_never'][0]:+.2f})"
         for s in summary
         if s["triggered_vs_never"][0] < 0
     ]
