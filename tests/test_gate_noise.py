@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from inprocess_helpers import fed_device
+from orchestrator_fakes import FakeRegistry, FakeTracker
 from signing_helpers import deploy_signed, trusting
 
 from fedge.contracts import model as nets
@@ -45,36 +46,10 @@ class _Fed:
         return []
 
 
-class _Registry:
-    def __init__(self) -> None:
-        self.tags: list[dict[str, str]] = []
-
-    def register(self, weights: Any, tags: Mapping[str, str]) -> int:
-        self.tags.append(dict(tags))
-        return len(self.tags)
-
-    def set_alias(self, version: int, alias: str) -> None:
-        pass
-
-    def load(self, alias: str) -> Any:
-        return None
-
-    def versions(self) -> list[dict[str, Any]]:
-        return []
-
-
-class _Tracker:
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_event(self, kind: str, tick: int, payload: Mapping[str, Any]) -> None:
-        pass
-
-
 def _promoted(lead: float, discordant: float, gate_z: float) -> list[str]:
-    reg = _Registry()
+    reg = FakeRegistry()
     orch = Orchestrator(
-        _Fed(lead, discordant), reg, _Tracker(), Always(), {"w": np.zeros(1)},
+        _Fed(lead, discordant), reg, FakeTracker(), Always(), {"w": np.zeros(1)},
         rounds=1, initial_rounds=1, min_improvement=0.0, gate_z=gate_z,
     )
     orch.run(range(3))

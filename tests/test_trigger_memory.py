@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from orchestrator_fakes import FakeRegistry, FakeTracker
 
 from fedge.contracts.config import ConfigError
 from fedge.contracts.config_load import load_config
@@ -45,36 +46,10 @@ class _Staggered:
         return []
 
 
-class _Registry:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def register(self, weights: Any, tags: Mapping[str, str]) -> int:
-        self.n += 1
-        return self.n
-
-    def set_alias(self, version: int, alias: str) -> None:
-        pass
-
-    def load(self, alias: str) -> Any:
-        return None
-
-    def versions(self) -> list[dict[str, Any]]:
-        return []
-
-
-class _Tracker:
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_event(self, kind: str, tick: int, payload: Mapping[str, Any]) -> None:
-        pass
-
-
 def _run(memory: int, participants: str = "all") -> tuple[_Staggered, Orchestrator]:
     fed = _Staggered()
     orch = Orchestrator(
-        fed, _Registry(), _Tracker(), DriftQuorum(quorum=3, cooldown=0, memory=memory), {"w": np.zeros(1)},
+        fed, FakeRegistry(), FakeTracker(), DriftQuorum(quorum=3, cooldown=0, memory=memory), {"w": np.zeros(1)},
         rounds=1, initial_rounds=1, participants=participants,
     )
     orch.run(range(8))
