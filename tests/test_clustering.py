@@ -196,10 +196,56 @@ def test_a_drift_at_the_first_step_is_split_off_without_any_detector_firing() ->
     policy = DriftClustering()
     scores = {d: {0: 0.93 + 0.01 * (d % 3)} for d in range(7)} | {d: {0: 0.74} for d in (7, 8, 9)}
     plan = policy.plan(1, [_report(d) for d in range(10)], _views({0: list(range(10))}), scores)
-    assert {d: plan.assignment[d] for d in (7, 8, 9)} == {7: 1, 8: 1, 9: 1}, "one new model for the three"
     assert all(plan.assignment[d] == 0 for d in range(7))
-    assert plan.start_from == {1: 0}, "it starts from the model that still gets 74% right"
+    new = {plan.assignment[d] for d in (7, 8, 9)}
+    assert len(new) == 3 and 0 not in new, "one model's score cannot tell their concepts apart"
+    assert plan.start_from == {k: 0 for k in new}, "each starts from the model that still gets 74% right"
     assert plan.reasons[7].startswith("split")
+    grouped = DriftClustering(fingerprint=1).plan(
+        1, [_report(d) for d in range(10)], _views({0: list(range(10))}), scores
+    )
+    assert {grouped.assignment[d] for d in (7, 8, 9)} == {1}, "one score is enough when asked"
+    secure = DriftClustering(min_size=3).plan(
+        1, [_report(d) for d in range(10)], _views({0: list(range(10))}), scores
+    )
+    assert {secure.assignment[d] for d in (7, 8, 9)} == {1}, "a one-device model could not train"
+
+
+def test_devices_split_on_one_score_get_their_own_models_and_the_next_tick_merges_those_that_agree() -> (
+    None
+):
+    # Tick 1: devices 4-7 leave model 0; two of them follow concept A, two concept B.
+    policy = DriftClustering()
+    reports = [_report(d) for d in range(8)]
+    first = {d: {0: 0.95} for d in range(4)} | {d: {0: 0.78} for d in range(4, 8)}
+    plan = policy.plan(1, reports, _views({0: list(range(8))}), first)
+    assert len({plan.assignment[d] for d in range(4, 8)}) == 4
+    members: dict[int, list[int]] = {}
+    for d, k in plan.assignment.items():
+        members.setdefault(k, []).append(d)
+    # Tick 2: every device scores every model; the models of 4 and 5 fit each other's
+    # devices (concept A), as do those of 6 and 7 (concept B); A's and B's do not.
+    keys = {d: plan.assignment[d] for d in range(4, 8)}
+    second: dict[int, dict[int, float]] = {}
+    for d in range(8):
+        row = {0: 0.95 if d < 4 else 0.78}
+        for e, k in keys.items():
+            same = (d in (4, 5)) == (e in (4, 5)) and d >= 4
+            row[k] = 0.93 if same else 0.70
+        second[d] = row
+    merged = policy.plan(2, reports, _views(members), second)
+    a = {merged.assignment[d] for d in (4, 5)}
+    b = {merged.assignment[d] for d in (6, 7)}
+    assert len(a) == 1 and len(b) == 1 and a != b, merged.assignment
+    assert all(merged.assignment[d] == 0 for d in range(4))
+
+
+def test_one_model_per_newcomer_never_exceeds_max_models() -> None:
+    scores = {d: {0: 0.95} for d in range(5)} | {d: {0: 0.75} for d in range(5, 8)}
+    plan = DriftClustering(max_models=3).plan(
+        1, [_report(d) for d in range(8)], _views({0: list(range(8))}), scores
+    )
+    assert {plan.assignment[d] for d in range(5, 8)} == {1}, "no room: the agreeing newcomers share one"
 
 
 def test_a_gap_within_sampling_noise_keeps_a_silent_device_but_a_firing_detector_lowers_the_bar() -> None:

@@ -288,6 +288,9 @@ class ClusteringConfig:
     model lineage (registry alias ``cluster-<key>``, its own privacy ledger);
     the trigger policy decides per cluster, and a campaign trains a cluster on
     its own devices with the configured strategy and privacy settings.
+    Devices split at the same tick share one new model only when their scores
+    agree on at least ``fingerprint`` models; else each starts its own and
+    those that agree are merged at the next tick.
     """
 
     enabled: bool = False
@@ -297,6 +300,7 @@ class ClusteringConfig:
     drift_z: float = field(default=1.5, metadata=_between(0.0, 10.0))
     merge_distance: float = field(default=0.05, metadata=_between(0.0, 1.0))
     max_models: int = field(default=6, metadata=_between(1, 8))
+    fingerprint: int = field(default=2, metadata=_between(1, 8))
 
 
 @dataclass(frozen=True)

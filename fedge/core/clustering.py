@@ -15,7 +15,8 @@ of each device's latest samples every model in the pool gets right. Then:
   does, or when the other fits it significantly and clearly
   (``switch_margin``) better: a concept seen before is recognised;
 * a device that no model fits gets a new model; devices split at the same tick
-  whose scores on every model agree share one new model;
+  whose scores agree on every model (at least ``fingerprint`` of them) share
+  one new model;
 * two models are merged when each fits the other's devices about as well as
   their own (:func:`cluster_distance` at most ``merge_distance``), keeping the
   one that fits the union better;
@@ -169,6 +170,14 @@ class DriftClustering:
         The same once the device's detector fired (the detector is evidence
         against its own model; joining another model is always tested at
         ``split_z``).
+    fingerprint : int, default 2
+        Devices split at the same tick share one new model only when they were
+        scored on at least this many models and agree on all of them; below
+        that each starts its own model, to be merged once the models agree.
+    min_size : int, default 1
+        The fewest devices a campaign can train (``campaign.min_devices``, 3
+        under secure aggregation): new models of fewer devices are not made one
+        per device.
 
     Examples
     --------
@@ -188,6 +197,8 @@ class DriftClustering:
     samples: int = 100
     split_z: float = 3.0
     drift_z: float = 1.5
+    fingerprint: int = 2
+    min_size: int = 1
     home: dict[int, float] = field(default_factory=dict, repr=False)
 
     @property
@@ -238,6 +249,22 @@ class DriftClustering:
     def _better(self, new: float, old: float, z: float) -> bool:
         """Whether a score of ``new`` is clearly and significantly above ``old``."""
         return new >= old + self.switch_margin and fit_gap_z(old, new, self.samples) > z
+
+    def _group(self, newcomers: Sequence[int], scores: Scores, fingerprint: int) -> list[list[int]]:
+        """Newcomers whose scores agree (within ``switch_margin``) on the same models, at least ``fingerprint``."""
+        groups: list[list[int]] = []
+        for d in newcomers:
+            mine = scores.get(d, {})
+            for group in groups:
+                ref = scores.get(group[0], {})
+                if len(ref) >= fingerprint and set(ref) == set(mine) and all(
+                    abs(ref[k] - mine[k]) <= self.switch_margin for k in ref
+                ):
+                    group.append(d)
+                    break
+            else:
+                groups.append([d])
+        return groups
 
     def plan(
         self,
@@ -291,19 +318,16 @@ class DriftClustering:
             else:
                 assignment[d] = cur
 
-        # Newcomers whose scores agree on every model share one new model.
-        groups: list[list[int]] = []
-        for d in newcomers:
-            for group in groups:
-                ref = scores.get(group[0], {})
-                mine = scores.get(d, {})
-                if set(ref) == set(mine) and all(
-                    abs(ref[k] - mine[k]) <= self.switch_margin for k in ref
-                ):
-                    group.append(d)
-                    break
-            else:
-                groups.append([d])
+        # Newcomers whose scores agree on every model share one new model. One
+        # model's score cannot tell new concepts apart (three label swaps all
+        # score 0.8 on the old model), so against fewer than ``fingerprint``
+        # models each newcomer starts its own and the merge rule joins those that
+        # agree at the next tick, unless that would exceed ``max_models`` or leave
+        # a model with fewer devices than a campaign needs (``min_size``).
+        groups = self._group(newcomers, scores, self.fingerprint)
+        too_many = len(set(assignment.values())) + len(groups) > self.max_models
+        if too_many or any(len(g) < self.min_size for g in groups):
+            groups = self._group(newcomers, scores, 1)
         if not clusters and groups:
             groups = [sorted(d for g in groups for d in g)]
         for group in groups:

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.contracts.config import FedgeConfig
+from fedge.contracts.config import MIN_SECURE_DEVICES, FedgeConfig
 from fedge.contracts.config_load import from_dict
 from fedge.contracts.task import task_for
 from fedge.contracts.wire import config_from_context, run_dir
@@ -182,6 +182,11 @@ def cluster_policy_for(cfg: FedgeConfig) -> ClusterPolicy | None:
         samples=cfg.scenario.samples_per_tick,
         split_z=cfg.clustering.split_z,
         drift_z=cfg.clustering.drift_z,
+        fingerprint=cfg.clustering.fingerprint,
+        min_size=max(
+            cfg.campaign.min_devices,
+            MIN_SECURE_DEVICES if cfg.privacy.secure_aggregation else 1,
+        ),
     )
 
 
