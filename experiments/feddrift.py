@@ -407,7 +407,9 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         },
         "trigger": trigger,
         "campaign": campaign,
-        "clustering": {"enabled": policy == "drift-clustered"},
+        # Up to 8 models (the most the devices score): a tick where most devices
+        # drift at once needs room for one new model per device.
+        "clustering": {"enabled": True, "max_models": 8} if policy == "drift-clustered" else {"enabled": False},
         "model": model_for(task.dataset),
         "tracking": {"experiment": "fedge-feddrift"},
         "run": {"output_dir": str(task.folder), "resume": False},

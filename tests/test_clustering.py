@@ -241,11 +241,14 @@ def test_devices_split_on_one_score_get_their_own_models_and_the_next_tick_merge
 
 
 def test_one_model_per_newcomer_never_exceeds_max_models() -> None:
-    scores = {d: {0: 0.95} for d in range(5)} | {d: {0: 0.75} for d in range(5, 8)}
-    plan = DriftClustering(max_models=3).plan(
-        1, [_report(d) for d in range(8)], _views({0: list(range(8))}), scores
-    )
-    assert {plan.assignment[d] for d in range(5, 8)} == {1}, "no room: the agreeing newcomers share one"
+    scores = {d: {0: 0.95} for d in range(5)} | {d: {0: 0.75} for d in range(5, 9)}
+    views = _views({0: list(range(9))})
+    plan = DriftClustering(max_models=3).plan(1, [_report(d) for d in range(9)], views, scores)
+    new = [sorted(d for d in range(5, 9) if plan.assignment[d] == k) for k in (1, 2)]
+    assert sorted(map(len, new)) == [2, 2], "room for two new models: the four split in halves"
+    assert len(set(plan.assignment.values())) == 3
+    tight = DriftClustering(max_models=2).plan(1, [_report(d) for d in range(9)], views, scores)
+    assert {tight.assignment[d] for d in range(5, 9)} == {1}, "no room: the agreeing newcomers share one"
 
 
 def test_a_gap_within_sampling_noise_keeps_a_silent_device_but_a_firing_detector_lowers_the_bar() -> None:

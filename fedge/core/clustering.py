@@ -266,6 +266,24 @@ class DriftClustering:
                 groups.append([d])
         return groups
 
+    def _spread(self, groups: list[list[int]], scores: Scores, room: int) -> list[list[int]]:
+        """Halve the largest group (in score order) while there is room for another model.
+
+        Agreeing on one score is weak evidence of one concept: devices kept
+        apart train separate models that the merge rule can join again, while
+        one model trained on several concepts serves none of them.
+        """
+        groups = [list(g) for g in groups]
+        while len(groups) < room:
+            largest = max(groups, key=len)
+            if len(largest) < 2 * self.min_size:
+                break
+            ordered = sorted(largest, key=lambda d: (sorted(scores.get(d, {}).items()), d))
+            half = len(ordered) // 2
+            groups.remove(largest)
+            groups += [sorted(ordered[:half]), sorted(ordered[half:])]
+        return groups
+
     def plan(
         self,
         tick: int,
@@ -322,12 +340,12 @@ class DriftClustering:
         # model's score cannot tell new concepts apart (three label swaps all
         # score 0.8 on the old model), so against fewer than ``fingerprint``
         # models each newcomer starts its own and the merge rule joins those that
-        # agree at the next tick, unless that would exceed ``max_models`` or leave
-        # a model with fewer devices than a campaign needs (``min_size``).
+        # agree at the next tick, within the room ``max_models`` leaves and never
+        # below the devices a campaign needs (``min_size``).
         groups = self._group(newcomers, scores, self.fingerprint)
-        too_many = len(set(assignment.values())) + len(groups) > self.max_models
-        if too_many or any(len(g) < self.min_size for g in groups):
-            groups = self._group(newcomers, scores, 1)
+        room = max(1, self.max_models - len(set(assignment.values())))
+        if len(groups) > room or any(len(g) < self.min_size for g in groups):
+            groups = self._spread(self._group(newcomers, scores, 1), scores, room)
         if not clusters and groups:
             groups = [sorted(d for g in groups for d in g)]
         for group in groups:
