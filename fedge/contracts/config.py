@@ -24,7 +24,8 @@ The file layout mirrors the dataclasses below::
     [trigger]             policy, quorum, cooldown, period, signals, accuracy_floor,
                           accuracy_source, memory
     [campaign]            strategy, rounds, participants, local_epochs, lr, ...
-    [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models
+    [clustering]          enabled, switch_margin, fit_margin, split_z, drift_z, merge_distance, max_models,
+                          fingerprint
     [privacy]             secure_aggregation, secagg_shares, secagg_threshold, dp,
                           noise_multiplier, clipping_norm, local_epsilon, epsilon_budget, delta
     [data]                source, path, module, n_features, n_classes, target
