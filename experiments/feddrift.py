@@ -98,6 +98,8 @@ class Settings:
         champion on the holdout by this many standard errors of the paired
         difference (one-sided 5 %); a lead of a point or two on 100 held-out
         samples is noise.
+        The replaced champion stays on standby and serves again when it leads
+        the new one by as many standard errors (``campaign.standby_z``).
     """
 
     rounds: int = 5
@@ -387,6 +389,10 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         trigger = {"policy": "quorum", "quorum": s.quorum, "cooldown": s.cooldown, "memory": s.memory}
         campaign["min_improvement"] = 0.0
         campaign["gate_z"] = s.gate_z
+        # The champion a promotion replaces stays on standby and serves again
+        # when it leads on the devices' newest samples by the same margin: the
+        # gate judges one tick, and the mix of concepts moves after it.
+        campaign["standby_z"] = s.gate_z
     return {
         "scenario": {
             "name": name,

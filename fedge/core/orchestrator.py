@@ -71,13 +71,8 @@ from fedge.core.records import (
     with_late_labels,
 )
 from fedge.core.resume import RUN_KEY_TAG, restore, snapshot
-from fedge.core.rollout import (
-    Rollout,
-    RolloutPolicy,
-    advance_rollout,
-    begin_rollout,
-    restore_rollout,
-)
+from fedge.core.rollout import Rollout, RolloutPolicy, advance_rollout, begin_rollout
+from fedge.core.standby import Standby, keep_standby, watch_standby
 from fedge.core.triggers import INITIAL, Decision, DriftMemory, TriggerPolicy, decide_clusters
 
 log = logging.getLogger("fedge.server")
@@ -131,6 +126,10 @@ class Orchestrator:
     rollout : RolloutPolicy, optional
         Roll a promoted model out in stages (:mod:`fedge.core.rollout`; one model
         only); None gives it to every device at the next poll.
+    standby_z : float, default 0.0
+        Above 0 (one model, no staged rollout): the champion a promotion replaces
+        stays on standby and serves again when it leads by this many standard
+        errors on the devices' newest samples (:mod:`fedge.core.standby`).
     """
 
     def __init__(
@@ -154,6 +153,7 @@ class Orchestrator:
         state: StateStore | None = None,
         run_id: str = "",
         rollout: RolloutPolicy | None = None,
+        standby_z: float = 0.0,
     ) -> None:
         if participants not in ("all", "drifted"):
             raise ValueError(f"campaign.participants: {participants!r}; allowed: all, drifted")
@@ -191,6 +191,8 @@ class Orchestrator:
             raise ValueError("rollout: a staged rollout serves one model, not clusters")
         self.rollout_policy = rollout
         self.rollout: Rollout | None = None
+        self.standby_z = standby_z
+        self.standby: Standby | None = None
 
     # -- the pool ------------------------------------------------------------------------------
     def alias(self, key: int) -> str:
@@ -315,6 +317,8 @@ class Orchestrator:
                     "retired": list(plan.retire),
                 },
             )
+        if self.standby is not None:
+            watch_standby(self, tick)
         campaigns, refusals = self._campaigns(tick, decisions, current, plan, created)
         if refusals:
             rec = replace(rec, refused="; ".join(refusals))
@@ -481,6 +485,7 @@ class Orchestrator:
         if promoted and self.rollout_policy is not None and cluster.version > 0:
             begin_rollout(self, tick, key, version, outcome.weights)
         elif promoted:
+            keep_standby(self, tick, cluster.version, cluster.weights)
             self.registry.set_alias(version, self.alias(key))
             cluster.weights = outcome.weights
             cluster.version = version
@@ -629,14 +634,8 @@ class Orchestrator:
 
     def _save(self, finished: bool = False) -> None:
         if self.state is not None:
-            state = snapshot(self, finished)
-            if self.rollout is not None:
-                state["rollout"] = self.rollout.saved()
-            self.state.save(state)
+            self.state.save(snapshot(self, finished))
 
     def _restore(self, ticks: list[int]) -> list[int]:
         """Continue an interrupted run from the saved state; returns the ticks left."""
-        todo = restore(self, ticks)
-        if todo != ticks and self.state is not None:
-            restore_rollout(self, self.state.load() or {})
-        return todo
+        return restore(self, ticks)

@@ -111,6 +111,8 @@ class RunRecord:
     recovered: list[dict[str, Any]] = field(default_factory=list)
     #: The pool after every tick this process ran.
     history: list[ClusterTick] = field(default_factory=list)
+    #: Ticks where the champion on standby led and served again (:mod:`fedge.core.standby`).
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
     def accuracy(self, tick: int) -> float | None:
         """Prequential accuracy at ``tick`` (None before any model)."""
@@ -130,6 +132,7 @@ class RunRecord:
             "late": [asdict(r) for r in self.late],
             "resumed_at": self.resumed_at,
             "recovered": list(self.recovered),
+            "rollbacks": list(self.rollbacks),
         }
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedge.core.pool import Cluster
+from fedge.core.rollout import restore_rollout
+from fedge.core.standby import restore_standby
 from fedge.core.triggers import DriftMemory
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ def snapshot(orch: Orchestrator, finished: bool = False) -> dict[str, Any]:
     checkpoint = getattr(orch.federation, "checkpoint", None)
     if callable(checkpoint):
         state["federation"] = checkpoint()
+    if orch.rollout is not None:
+        state["rollout"] = orch.rollout.saved()
+    if orch.standby is not None:
+        state["standby"] = orch.standby.saved()
     return state
 
 def restore(orch: Orchestrator, ticks: list[int]) -> list[int]:
@@ -87,6 +93,8 @@ def restore(orch: Orchestrator, ticks: list[int]) -> list[int]:
     done = saved.get("tick")
     done = adopt_landed(orch, -1 if done is None else int(done))
     load_weights(orch)
+    restore_rollout(orch, saved)
+    restore_standby(orch, saved)
     orch.last_tick = done if done >= 0 else None
     left = [t for t in ticks if t > done]
     orch.record.resumed_at = left[0] if left else None

@@ -279,6 +279,7 @@ def run_server(
             participants=cfg.campaign.participants,
             min_improvement=cfg.campaign.min_improvement,
             gate_z=cfg.campaign.gate_z,
+            standby_z=cfg.campaign.standby_z,
             strategy=cfg.campaign.strategy,
             resume=cfg.run.resume,
             warm_start=cfg.campaign.warm_start,

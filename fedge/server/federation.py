@@ -435,6 +435,10 @@ class FlowerFederation:
     # -- scores --------------------------------------------------------------------------------
     def score(self, tick: int, models: Mapping[int, Weights]) -> Scores:
         """Fraction of each device's latest samples every model gets right."""
+        return {d: {k: c / n for k, c in right.items()} for d, (n, right) in self.score_counts(tick, models).items()}
+
+    def score_counts(self, tick: int, models: Mapping[int, Weights]) -> dict[int, tuple[int, dict[int, int]]]:
+        """Per device: how many of its latest samples were scored and how many each model got right."""
         keys = sorted(models)[: p.MAX_SCORED_MODELS]
         content = RecordDict({p.scored_model(i): to_arrays(models[k]) for i, k in enumerate(keys)})
         content[p.CONFIG] = ConfigRecord({p.TICK: tick})
@@ -443,7 +447,7 @@ class FlowerFederation:
             for node in self.node_of.values()
         ]
         device_of = {node: device for device, node in self.node_of.items()}
-        out: Scores = {}
+        out: dict[int, tuple[int, dict[int, int]]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.run.reply_timeout):
             device = device_of.get(reply.metadata.src_node_id)
             if device is None or reply.has_error():
@@ -452,8 +456,8 @@ class FlowerFederation:
             n = int(metrics.get(p.NUM_EXAMPLES, 0))  # type: ignore[arg-type]
             if n <= 0:
                 continue
-            out[device] = {
-                k: float(metrics[p.scored_correct(i)]) / n  # type: ignore[arg-type]
+            out[device] = n, {
+                k: int(metrics[p.scored_correct(i)])  # type: ignore[arg-type]
                 for i, k in enumerate(keys)
                 if p.scored_correct(i) in metrics
             }
