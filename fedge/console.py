@@ -74,6 +74,13 @@ def print_summary(s: dict[str, Any]) -> None:
         from fedge.privacy.report import tick_ranges
 
         console.print(f"[red]No campaign[/] at ticks {tick_ranges(ticks)}: {reason}", highlight=False)
+    for r in s.get("rollbacks", []):
+        console.print(
+            f"[yellow]Rolled back[/] at tick {r['tick']}: v{r['demoted']} scored {100 * r['champion_acc']:.1f}% "
+            f"against v{r['restored']}'s {100 * r['standby_acc']:.1f}% on {r['samples']} samples; "
+            f"v{r['restored']} serves again",
+            highlight=False,
+        )
     budget = s.get("privacy_budget")
     if budget:
         # One budget for one model; one per model lineage when clusters are in service.

@@ -192,6 +192,7 @@ def build_summary(
         "tracking": tracking,
         "rejected_rows": sum(t.rejected for t in record.ticks),
         "refused": list(record.refused),
+        "rollbacks": list(record.rollbacks),
         "config": cfg.flat(),
     }
 
