@@ -94,7 +94,9 @@ class Federation(Protocol):
 
     Optional methods a federation may add, looked up by name: ``late_reports()``
     (reports of earlier ticks that arrived with the last poll), ``checkpoint()``
-    and ``restore(state)`` (what a restarted server needs).
+    and ``restore(state)`` (what a restarted server needs), ``score_counts(tick,
+    models)`` (per device, the samples scored and each model's correct count:
+    the champion on standby is judged on it, :mod:`fedge.core.standby`).
     """
 
     def poll(
