@@ -375,6 +375,8 @@ def scenario_table(task: Task, policy: str, cp_file: Path) -> dict[str, Any]:
         "holdout_every": 10,
         "warm_start": True,
         "participants": "all",
+        # The baselines keep the model each step trained (no standby).
+        "standby_z": 0.0,
     }
     if policy in ("window", "oracle", "drift-clustered"):
         # Every model in service retrains each step on its devices' newest window

@@ -39,8 +39,8 @@ def _run(tmp: Path, *extra: str, on_tick: Any = quiet_tick, run_dir: Path | None
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     return {
-        "off": _run(tmp_path_factory.mktemp("standby-off")),
-        "on": _run(tmp_path_factory.mktemp("standby-on"), "campaign.standby_z=1.645"),
+        "off": _run(tmp_path_factory.mktemp("standby-off"), "campaign.standby_z=0"),
+        "on": _run(tmp_path_factory.mktemp("standby-on")),
     }
 
 
@@ -85,8 +85,8 @@ def test_a_restarted_server_keeps_the_standby_it_had(tmp_path: Path) -> None:
 
     folder = tmp_path / "run"
     with pytest.raises(Died):
-        _run(tmp_path, "campaign.standby_z=1.645", on_tick=die_before_the_return, run_dir=folder)
-    resumed = _run(tmp_path, "campaign.standby_z=1.645", run_dir=folder)
+        _run(tmp_path, on_tick=die_before_the_return, run_dir=folder)
+    resumed = _run(tmp_path, run_dir=folder)
     assert resumed["ticks"][0]["tick"] == 0 and len(resumed["ticks"]) == len(CONCEPTS)
     (back,) = resumed["rollbacks"]
     assert back["tick"] == BACK and back["restored"] == 1

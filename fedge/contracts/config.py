@@ -249,10 +249,11 @@ class CampaignConfig:
     standard errors of the paired accuracy difference on the holdout (a lead
     of a point on 100 samples is noise, see :mod:`fedge.core.gate`).
 
-    ``standby_z`` above 0 (one model, no staged rollout): the champion a
-    promotion replaces stays on standby (registry alias ``standby``); when, on
-    the devices' newest samples, it leads the new champion by that many standard
-    errors, it serves again (see :mod:`fedge.core.standby`). 0 (default): off.
+    ``standby_z`` (one model, no staged rollout): the champion a promotion
+    replaces stays on standby (registry alias ``standby``); when, on the
+    devices' newest samples, it leads the new champion by that many standard
+    errors (default 1.645, one-sided 5 %), it serves again (see
+    :mod:`fedge.core.standby`). 0 turns it off.
     """
 
     strategy: str = field(
@@ -275,7 +276,7 @@ class CampaignConfig:
     holdout_every: int = field(default=5, metadata=_between(2, MAX_TICKS))
     min_improvement: float = field(default=0.0, metadata=_between(-1.0, 1.0))
     gate_z: float = field(default=0.0, metadata=_between(0.0, 10.0))
-    standby_z: float = field(default=0.0, metadata=_between(0.0, 10.0))
+    standby_z: float = field(default=1.645, metadata=_between(0.0, 10.0))
     initial_rounds: int = field(default=8, metadata=_between(1, MAX_ROUNDS))
     warm_start: bool = False
     compression: str = field(default="none", metadata=_choice("none", "float16", "int8"))

@@ -6,7 +6,8 @@ on that tick and lose on every later one: the mix of concepts moves, the new
 model (trained on the mix) errs at a steady rate no detector calls a drift, and
 no campaign follows to repair it.
 
-With ``campaign.standby_z = z`` above 0 (one model, no staged rollout), the
+With ``campaign.standby_z = z`` above 0 (one model, no staged rollout; the
+configuration's default is 1.645, one-sided 5 %), the
 champion a promotion replaces stays on **standby** (registry alias
 ``standby``) until the next promotion. At every tick the devices score both
 models on their newest labelled samples (the scoring message clusters use).
