@@ -98,6 +98,23 @@ def test_a_device_that_errors_in_a_round_is_reported_as_an_error_not_a_timeout(
     assert np.isfinite(summary["campaigns"][0]["candidate_acc"])
 
 
+def test_a_device_whose_scoring_fails_is_named_not_silently_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenScoring:
+        """fedge's ClientApp, except that device 1 cannot score the models in service."""
+
+        def __call__(self, msg: Message, context: Context) -> Message:
+            failing = int(context.node_config.get("partition-id", 0)) == 1
+            if failing and msg.metadata.message_type == "evaluate.scores":
+                raise RuntimeError("model file unreadable while scoring")
+            return client_app(msg, context)
+
+    summary = _run(tmp_path, BrokenScoring(), True, "clustering.enabled=true")  # type: ignore[arg-type]
+    assert "model file unreadable" in summary["device_errors"]["device 1"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "device 1 replied with an error: RuntimeError: model file unreadable" in said
+
 
 def test_a_device_with_nothing_held_out_is_left_out_of_the_averages_not_made_nan(
     tmp_path: Path,

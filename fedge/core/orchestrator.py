@@ -485,7 +485,7 @@ class Orchestrator:
         if promoted and self.rollout_policy is not None and cluster.version > 0:
             begin_rollout(self, tick, key, version, outcome.weights)
         elif promoted:
-            keep_standby(self, tick, cluster.version, cluster.weights)
+            keep_standby(self, cluster.version, cluster.weights)
             self.registry.set_alias(version, self.alias(key))
             cluster.weights = outcome.weights
             cluster.version = version

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedge.core.gate import gate_margin
+from fedge.core.gate import gate_margin, promotes
 from fedge.core.ports import Weights
 
 if TYPE_CHECKING:
@@ -45,53 +45,49 @@ CHAMPION_KEY, STANDBY_KEY = 0, 1
 
 @dataclass
 class Standby:
-    """The version on standby, its weights and the tick it went there."""
+    """The version on standby and its weights."""
 
     version: int
     weights: Weights
-    since: int
 
     def saved(self) -> dict[str, int]:
         """JSON-ready, without the weights (they are under the ``standby`` alias)."""
-        return {"version": self.version, "since": self.since}
+        return {"version": self.version}
 
 
 def swaps(standby_acc: float, champion_acc: float, n: int, z: float) -> bool:
     """Whether the standby's lead over the champion on ``n`` samples exceeds ``z`` standard errors.
 
+    The gate's own rule (:func:`fedge.core.gate.promotes`, no minimum lead).
     Both scored the same samples but the devices report counts only, so the
     unpaired variance is used (larger than the paired one: fewer swaps).
     """
-    lead = standby_acc - champion_acc
-    return n > 0 and lead > 0 and lead > gate_margin(standby_acc, champion_acc, float("nan"), n, z)
+    return n > 0 and promotes(standby_acc, champion_acc, 0.0, gate_margin(standby_acc, champion_acc, float("nan"), n, z))
 
 
-def keep_standby(orch: Orchestrator, tick: int, version: int, weights: Weights) -> None:
+def keep_standby(orch: Orchestrator, version: int, weights: Weights) -> None:
     """Put the champion a promotion replaces on standby (with ``standby_z`` above 0)."""
     if orch.standby_z <= 0 or version <= 0 or not orch.single or orch.rollout_policy is not None:
         return
-    orch.standby = Standby(version, weights, tick)
+    orch.standby = Standby(version, weights)
     orch.registry.set_alias(version, STANDBY_ALIAS)
 
 
-def watch_standby(orch: Orchestrator, tick: int) -> dict[str, Any] | None:
-    """Score champion and standby on the devices' newest samples; swap them when the standby leads.
-
-    Returns the ``standby`` event's payload when they swapped, else None.
-    """
+def watch_standby(orch: Orchestrator, tick: int) -> None:
+    """Score champion and standby on the devices' newest samples; swap them when the standby leads."""
     standby, champ = orch.standby, orch.champion
     count = getattr(orch.federation, "score_counts", None)
     if standby is None or champ is None or not callable(count):
-        return None
+        return
     key = next(iter(orch.pool))
     counts = count(tick, {CHAMPION_KEY: champ[1], STANDBY_KEY: standby.weights})
     n = sum(total for total, _ in counts.values())
     if n <= 0:
-        return None
+        return  # no labelled sample this tick: no evidence either way
     right = {k: sum(c.get(k, 0) for _, c in counts.values()) for k in (CHAMPION_KEY, STANDBY_KEY)}
     champ_acc, standby_acc = right[CHAMPION_KEY] / n, right[STANDBY_KEY] / n
     if not swaps(standby_acc, champ_acc, n, orch.standby_z):
-        return None
+        return
     payload = {
         "restored": standby.version,
         "demoted": champ[0],
@@ -105,7 +101,7 @@ def watch_standby(orch: Orchestrator, tick: int) -> dict[str, Any] | None:
     orch.registry.set_alias(champ[0], STANDBY_ALIAS)
     cluster.version, cluster.weights = standby.version, standby.weights
     orch.record.champion = standby.version
-    orch.standby = Standby(champ[0], champ[1], tick)
+    orch.standby = Standby(champ[0], champ[1])
     orch.record.rollbacks.append({"tick": tick, **payload})
     orch.tracker.log_event("standby", tick, payload)
     log.warning(
@@ -118,7 +114,6 @@ def watch_standby(orch: Orchestrator, tick: int) -> dict[str, Any] | None:
         n,
         standby.version,
     )
-    return payload
 
 
 def restore_standby(orch: Orchestrator, state: Mapping[str, Any]) -> None:
@@ -130,4 +125,4 @@ def restore_standby(orch: Orchestrator, state: Mapping[str, Any]) -> None:
     if found is None or found[0] != int(saved["version"]):
         log.warning("the version on standby (v%s) is not in the registry; none kept", saved.get("version"))
         return
-    orch.standby = Standby(found[0], found[1], int(saved["since"]))
+    orch.standby = Standby(found[0], found[1])

@@ -450,7 +450,10 @@ class FlowerFederation:
         out: dict[int, tuple[int, dict[int, int]]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.run.reply_timeout):
             device = device_of.get(reply.metadata.src_node_id)
-            if device is None or reply.has_error():
+            if reply.has_error():  # said and counted like any other device error
+                self._node_error(tick, reply.metadata.src_node_id, device, reply)
+                continue
+            if device is None:
                 continue
             metrics = reply.content.metric_records[p.METRICS]
             n = int(metrics.get(p.NUM_EXAMPLES, 0))  # type: ignore[arg-type]
