@@ -91,3 +91,33 @@ def test_a_restarted_server_keeps_the_standby_it_had(tmp_path: Path) -> None:
     (back,) = resumed["rollbacks"]
     assert back["tick"] == BACK and back["restored"] == 1
     assert _acc(resumed, BACK + 1) > 0.85
+
+
+
+def test_a_tick_without_labels_sends_no_scoring_message() -> None:
+    from types import SimpleNamespace
+
+    from fedge.core.records import RunRecord, TickRecord
+    from fedge.core.standby import Standby, watch_standby
+
+    asked: list[int] = []
+
+    class Devices:
+        def score_counts(self, tick: int, models: Any) -> dict[int, tuple[int, dict[int, int]]]:
+            asked.append(tick)
+            return {0: (100, {0: 40, 1: 90})}  # the standby leads by 50 points
+
+    def orch(n_scored: int) -> Any:
+        record = RunRecord(ticks=[TickRecord(tick=7, accuracy=None, drift_fraction=0.0, drifted=(),
+                                             rejected=0, n_samples=100, champion=2, n_scored=n_scored)])
+        return SimpleNamespace(standby=Standby(1, {}), champion=(2, {}), federation=Devices(), record=record,
+                               pool={0: SimpleNamespace(version=2, weights={})}, standby_z=1.645,
+                               registry=SimpleNamespace(set_alias=lambda *_: None), alias=lambda _: "champion",
+                               tracker=SimpleNamespace(log_event=lambda *_: None))
+
+    unlabelled = orch(n_scored=0)  # e.g. scenario.label_delay: this tick's labels come later
+    watch_standby(unlabelled, 7)
+    assert asked == [] and unlabelled.record.rollbacks == []
+    labelled = orch(n_scored=100)
+    watch_standby(labelled, 7)
+    assert asked == [7] and labelled.record.rollbacks[0]["restored"] == 1 and labelled.record.champion == 1

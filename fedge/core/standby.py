@@ -79,6 +79,8 @@ def watch_standby(orch: Orchestrator, tick: int) -> None:
     count = getattr(orch.federation, "score_counts", None)
     if standby is None or champ is None or not callable(count):
         return
+    if orch.record.ticks and orch.record.ticks[-1].n_scored == 0:
+        return  # no device holds a label for this tick's samples (yet): nothing to score on
     key = next(iter(orch.pool))
     counts = count(tick, {CHAMPION_KEY: champ[1], STANDBY_KEY: standby.weights})
     n = sum(total for total, _ in counts.values())
